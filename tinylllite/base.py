@@ -1,0 +1,91 @@
+"""A Stable Diffusion base model: the frozen parts a control branch is trained on.
+
+Every base the project handles (SD1.x, SD2.x, SDXL, and the tiny SD it ships) is the same four
+diffusers/transformers parts. This dataclass holds them together with the two facts that differ
+per family and that training and sampling must get right:
+
+- how a prompt becomes the UNet's `encoder_hidden_states` (SPEC §3: SD1 reads CLIP's last hidden
+  state; SD2 and SDXL the penultimate layer; SDXL concatenates two encoders and also passes the
+  pooled embedding plus six size/crop numbers as `added_cond_kwargs`);
+- how latents are scaled (`vae.config.scaling_factor`, 0.18215 for SD1/SD2, 0.13025 for SDXL).
+
+Left out: v-prediction bases are carried (`prediction_type`) but the training loss is written for
+both ε and v only where the training code reads it.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+FAMILIES = ("sd1", "sd2", "sdxl", "tiny")
+
+
+@dataclass
+class StableDiffusionBase:
+    family: str  # one of FAMILIES
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    text_encoder_2: CLIPTextModelWithProjection | None = None  # SDXL only
+    tokenizer_2: CLIPTokenizer | None = None  # SDXL only
+    prediction_type: str = "epsilon"  # "epsilon" or "v_prediction"
+    scheduler_config: dict = field(default_factory=dict)  # training noise schedule (SPEC §3)
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"family {self.family!r} is not one of {FAMILIES}")
+        if (self.family == "sdxl") != (self.text_encoder_2 is not None):
+            raise ValueError("SDXL bases have exactly two text encoders; other families one")
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Image pixels per latent pixel: 2 ** (number of VAE levels - 1), 8 for every SD."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_scale(self) -> float:
+        return self.vae.config.scaling_factor
+
+    def parts(self) -> dict[str, torch.nn.Module]:
+        """The frozen modules by name, e.g. to move them to a device or count parameters."""
+        named = dict(unet=self.unet, vae=self.vae, text_encoder=self.text_encoder)
+        if self.text_encoder_2 is not None:
+            named["text_encoder_2"] = self.text_encoder_2
+        return named
+
+    def to(self, device=None, dtype=None) -> "StableDiffusionBase":
+        for module in self.parts().values():
+            module.to(device=device, dtype=dtype)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    def _tokens(self, tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        return ids.to(self.device)  # (B, 77)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prompts -> (encoder_hidden_states (B, 77, D), pooled (B, P) for SDXL else None)."""
+        out = self.text_encoder(self._tokens(self.tokenizer, prompts), output_hidden_states=True)
+        if self.family in ("sd1", "tiny"):
+            return out.last_hidden_state, None  # (B, 77, 768)
+        if self.family == "sd2":
+            # penultimate layer, passed through the final layer norm as SD2's FrozenOpenCLIPEmbedder does
+            return self.text_encoder.final_layer_norm(out.hidden_states[-2]), None  # (B, 77, 1024)
+        out_2 = self.text_encoder_2(self._tokens(self.tokenizer_2, prompts), output_hidden_states=True)
+        hidden = torch.cat([out.hidden_states[-2], out_2.hidden_states[-2]], dim=-1)  # (B, 77, 768 + 1280)
+        return hidden, out_2.text_embeds  # pooled bigG: (B, 1280)
+
+    def added_cond_kwargs(self, pooled: torch.Tensor | None, height: int, width: int) -> dict | None:
+        """SDXL's extra conditioning: pooled text plus (orig h, w, crop top, left, target h, w)."""
+        if self.family != "sdxl":
+            return None
+        time_ids = torch.tensor([height, width, 0, 0, height, width], dtype=pooled.dtype, device=pooled.device)
+        return {"text_embeds": pooled, "time_ids": time_ids.expand(pooled.shape[0], 6)}

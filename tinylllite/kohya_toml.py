@@ -1,0 +1,128 @@
+"""kohya sd-scripts dataset `.toml` files, read as a dataset description for ControlNet / LLLite training.
+
+kohya's ControlNet-LLLite guide (sd-scripts `docs/train_lllite_README.md`) describes data like this:
+
+    [general]
+    flip_aug = false
+    color_aug = false
+    resolution = [1024, 1024]
+
+    [[datasets]]
+    batch_size = 8
+
+      [[datasets.subsets]]
+      image_dir = "path/to/image/dir"
+      caption_extension = ".txt"
+      conditioning_data_dir = "path/to/conditioning/image/dir"
+
+Options set in `[general]` apply to every dataset, options of a `[[datasets]]` table to its subsets;
+the innermost wins, as in sd-scripts. Paths are taken as written (relative ones from the current
+folder, as sd-scripts does). Supported: the keys below. Anything else (buckets, caption shuffling,
+regularisation images, ...) is refused by name rather than silently ignored. `color_aug = true` is
+refused: colour augmentation changes the image but not its condition.
+"""
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch.utils.data import ConcatDataset
+
+from tinylllite.datasets import VAE_MULTIPLE, PairedDataset, check_size, read_folder_pairs
+
+SUBSET_ONLY = ("image_dir", "conditioning_data_dir")
+SUBSET_INHERITED = ("caption_extension", "num_repeats", "flip_aug", "color_aug")  # any level
+DATASET_INHERITED = ("resolution", "batch_size")  # [general] or [[datasets]]
+DEFAULTS = dict(caption_extension=".caption", num_repeats=1, flip_aug=False, color_aug=False,
+                batch_size=1)  # sd-scripts' defaults; resolution has none and must be given
+
+
+@dataclass
+class SubsetConfig:
+    image_dir: Path
+    conditioning_data_dir: Path
+    caption_extension: str
+    num_repeats: int
+    flip_aug: bool
+    color_aug: bool
+
+
+@dataclass
+class DatasetConfig:
+    resolution: tuple[int, int]  # (width, height)
+    batch_size: int
+    subsets: list[SubsetConfig]
+
+
+def _refuse_unknown(table: dict, allowed: tuple, where: str) -> None:
+    unknown = sorted(set(table) - set(allowed))
+    if unknown:
+        raise ValueError(f"{where}: unsupported key(s) {', '.join(unknown)}; tinylllite reads "
+                         f"{', '.join(allowed)} here")
+
+
+def parse_kohya_toml(path, multiple: int = VAE_MULTIPLE) -> list[DatasetConfig]:
+    """The datasets a kohya .toml describes, every option resolved; raises naming the table and key."""
+    path = Path(path)
+    try:
+        config = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise ValueError(f"{path}: not valid TOML ({error})")
+    _refuse_unknown(config, ("general", "datasets"), str(path))
+    general = config.get("general", {})
+    _refuse_unknown(general, SUBSET_INHERITED + DATASET_INHERITED, f"{path} [general]")
+    if not config.get("datasets"):
+        raise ValueError(f"{path}: no [[datasets]] table")
+    datasets = []
+    for d, dataset in enumerate(config["datasets"], start=1):
+        where = f"{path} [[datasets]] #{d}"
+        _refuse_unknown(dataset, SUBSET_INHERITED + DATASET_INHERITED + ("subsets",), where)
+        options = DEFAULTS | general | {k: v for k, v in dataset.items() if k != "subsets"}
+        if "resolution" not in options:
+            raise ValueError(f"{where}: no resolution (set e.g. resolution = 512 in [general])")
+        resolution = options["resolution"]
+        try:
+            resolution = check_size(resolution, multiple)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{where}: resolution {resolution!r}: {error}")
+        subsets = []
+        for s, subset in enumerate(dataset.get("subsets", []), start=1):
+            here = f"{where} [[datasets.subsets]] #{s}"
+            _refuse_unknown(subset, SUBSET_ONLY + SUBSET_INHERITED, here)
+            missing = [k for k in SUBSET_ONLY if k not in subset]
+            if missing:
+                raise ValueError(f"{here}: missing {', '.join(missing)} (a conditioning dataset "
+                                 "needs both image_dir and conditioning_data_dir)")
+            merged = {k: v for k, v in options.items() if k in SUBSET_INHERITED} | subset
+            if merged["color_aug"]:
+                raise ValueError(f"{here}: color_aug = true is refused for a conditioning dataset: it "
+                                 "changes the image's colours but not the hint's; set color_aug = false")
+            subsets.append(SubsetConfig(Path(merged["image_dir"]), Path(merged["conditioning_data_dir"]),
+                                        merged["caption_extension"], int(merged["num_repeats"]),
+                                        bool(merged["flip_aug"]), False))
+        if not subsets:
+            raise ValueError(f"{where}: no [[datasets.subsets]]")
+        datasets.append(DatasetConfig(resolution, int(options["batch_size"]), subsets))
+    return datasets
+
+
+@dataclass
+class KohyaDataset:
+    dataset: ConcatDataset  # every subset, each repeated num_repeats times
+    batch_size: int
+    resolution: tuple[int, int]  # (width, height)
+
+
+def load_kohya_toml(path, multiple: int = VAE_MULTIPLE, chw: bool = False,
+                    prompt_dropout: float = 0.0) -> list[KohyaDataset]:
+    """One dataset per [[datasets]] table, images resized and centre-cropped to its resolution."""
+    loaded = []
+    for config in parse_kohya_toml(path, multiple):
+        parts = []
+        for subset in config.subsets:
+            pairs = read_folder_pairs(subset.image_dir, subset.conditioning_data_dir,
+                                      subset.caption_extension)
+            part = PairedDataset(pairs, size=config.resolution, multiple=multiple, chw=chw,
+                                 prompt_dropout=prompt_dropout, flip=subset.flip_aug)
+            parts += [part] * subset.num_repeats
+        loaded.append(KohyaDataset(ConcatDataset(parts), config.batch_size, config.resolution))
+    return loaded

@@ -71,7 +71,11 @@ class AttentionBlock:
 
 
 def attention_blocks(unet: nn.Module, vae_factor: int = 8) -> list[AttentionBlock]:
-    """Every attention block in execution order, with factor = vae_factor · 2^(downsamplers − upsamplers before it)."""
+    """Every attention block in execution order, with its image factor.
+
+    factor = vae_factor · 2^(downsamplers − upsamplers that ran before it), counted by walking the
+    blocks in the order the UNet runs them; no table of block indices.
+    """
     stages = [(f"down_blocks.{i}", "input", block) for i, block in enumerate(unet.down_blocks)]
     stages += [("mid_block", "middle", unet.mid_block)]
     stages += [(f"up_blocks.{i}", "output", block) for i, block in enumerate(unet.up_blocks)]

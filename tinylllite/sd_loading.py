@@ -132,7 +132,8 @@ def _assign(build, convert, dtype) -> torch.nn.Module:
     """Build a module on the meta device and adopt the converted tensors as its parameters."""
     with torch.device("meta"):
         module = build()
-    state = {key: tensor.to(dtype) for key, tensor in convert(module.state_dict().keys()).items()}
+    state = {key: tensor if dtype is None else tensor.to(dtype)
+             for key, tensor in convert(module.state_dict().keys()).items()}
     module.load_state_dict(state, strict=True, assign=True)
     for name, buffer in module.named_buffers():
         if buffer.is_meta:  # non-persistent buffers are not in files; CLIP's position_ids is the only one
@@ -214,7 +215,10 @@ def _load_diffusers_folder(folder: Path, dtype, prediction_type: str | None) -> 
 
 
 def load_base(path, ema: bool = False, dtype=torch.float32, prediction_type: str | None = None) -> StableDiffusionBase:
-    """A Stable Diffusion base from a single .ckpt/.safetensors file or a diffusers folder, offline."""
+    """A Stable Diffusion base from a single .ckpt/.safetensors file or a diffusers folder, offline.
+
+    `dtype=None` keeps the file's own dtypes (an fp16 file stays fp16 and costs no conversion).
+    """
     path = Path(path)
     if path.is_dir():
         if ema:

@@ -1,0 +1,199 @@
+"""Control checkpoints on disk: the layouts people share, the metadata this project writes, atomic saves.
+
+A trained ControlNet travels in one of four layouts, all read here (`read_control`) into one form
+(diffusers names + a diffusers ControlNetModel config), and written back by `write_control`:
+
+    "original"   control_model.* only: lllyasviel's ControlNet 1.1 .pth files, A1111's .safetensors,
+                 this project's own files (with metadata). Files without the prefix are accepted too.
+    "full"       control_model.* plus the whole SD (control_sd15_ini.ckpt, lllyasviel's 1.0 files)
+    "diffusers"  a folder with config.json + diffusion_pytorch_model.safetensors (ControlNetModel)
+    "kohya"      ControlNet-LLLite: lllite_unet_* keys only (kohya's bf16 files with SAI model-spec
+                 metadata, or fp16 copies without); read by `read_lllite`
+
+Files this project writes carry string metadata (safetensors header): architecture, base family,
+hint range and channels, and the ControlNet's config, so a file made from a toy UNet converts back
+without guessing. Left out: metadata in pickles (.ckpt/.pth have no header for it; written plain).
+"""
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from diffusers import ControlNetModel
+from safetensors.torch import save_file
+
+from tinylllite import ldm_format as lf
+from tinylllite.sd_loading import PICKLE_SUFFIXES, SafetensorsFile, family_config, open_state_dict, tensor_shapes
+
+META = "tinylllite."  # prefix of this project's metadata keys
+LLLITE_PREFIX = "lllite_unet_"
+CONTROLNET_HINT_RANGE = "0..1 RGB"  # SPEC §2: what ControlNet's hint encoder expects
+LLLITE_HINT_RANGE = "-1..1 RGB inside the module (tinylllite's set_conditioning takes 0..1 and maps it)"
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def save_state_dict(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> Path:
+    """Write .safetensors (with metadata) or a pickle atomically: `path.tmp` first, then a rename."""
+    path = Path(path)
+    if path.suffix != ".safetensors" and path.suffix not in PICKLE_SUFFIXES:
+        raise ValueError(f"{path}: unknown checkpoint type {path.suffix!r}; use .safetensors or {PICKLE_SUFFIXES}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        if path.suffix == ".safetensors":
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        else:
+            torch.save(dict(tensors), tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def refuse_existing(path) -> None:
+    if Path(path).exists():
+        raise FileExistsError(f"{path} exists; refusing to overwrite it (delete it or choose another name)")
+
+
+def file_metadata(sd) -> dict[str, str]:
+    return dict(sd.metadata) if isinstance(sd, SafetensorsFile) else {}
+
+
+# --- ControlNet ----------------------------------------------------------------------------------------------
+
+def detect_layout(keys) -> str:
+    keys = list(keys)
+    if any(k.startswith(LLLITE_PREFIX) for k in keys):
+        return "kohya"
+    if any(k.startswith("controlnet_cond_embedding.") for k in keys):
+        return "diffusers"
+    if any(k.startswith(lf.CONTROL_PREFIX) for k in keys):
+        return "full" if any(k.startswith(lf.UNET_PREFIX) for k in keys) else "original"
+    if any(k.startswith("input_hint_block.") for k in keys):
+        return "original"  # control-only files saved without the prefix
+    raise ValueError(f"not a control checkpoint: no control_model.*, input_hint_block.*, controlnet_cond_embedding.* "
+                     f"or lllite_unet_* keys (first keys: {keys[:3]})")
+
+
+def hint_stage_channels(ldm_shapes: dict[str, tuple], prefix: str = lf.CONTROL_PREFIX) -> list[int]:
+    """(16, 32, 96, 256) read off the hint convs: conv_in and every stride-2 conv end a stage."""
+    convs = sorted(int(m[1]) for k in ldm_shapes if (m := re.fullmatch(rf"{re.escape(prefix)}input_hint_block\.(\d+)\.weight", k)))
+    outs = [ldm_shapes[f"{prefix}input_hint_block.{i}.weight"][0] for i in convs[:-1]]  # all but conv_out
+    return outs[::2]  # conv_in, then the second conv of each (same-size, stride-2) pair
+
+
+def controlnet_config_from_ldm(ldm_shapes: dict[str, tuple], metadata: dict[str, str]) -> dict:
+    """The ControlNetModel config of an original-layout control: from our metadata, else from its shapes."""
+    if META + "controlnet_config" in metadata:
+        return json.loads(metadata[META + "controlnet_config"])
+    family = lf.detect_family(ldm_shapes, lf.CONTROL_PREFIX)
+    unet_config = dict(family_config(family)["unet"], in_channels=ldm_shapes[lf.CONTROL_PREFIX + "input_blocks.0.0.weight"][1])
+    hint_in = ldm_shapes[lf.CONTROL_PREFIX + "input_hint_block.0.weight"][1]
+    return lf.controlnet_config(unet_config, hint_in, hint_stage_channels(ldm_shapes))
+
+
+def _control_keys(config: dict) -> list[str]:
+    with torch.device("meta"):
+        return list(ControlNetModel(**config).state_dict().keys())
+
+
+def read_control(path) -> tuple[dict[str, torch.Tensor], dict, dict[str, str]]:
+    """Any ControlNet layout -> (diffusers-named tensors, ControlNetModel config, metadata)."""
+    path = Path(path)
+    if path.is_dir():
+        config_file, weights = path / "config.json", path / DIFFUSERS_WEIGHTS
+        if not config_file.exists() or not weights.exists():
+            raise ValueError(f"{path}: a diffusers ControlNet folder needs config.json and {DIFFUSERS_WEIGHTS}")
+        config = {k: v for k, v in json.loads(config_file.read_text()).items() if not k.startswith("_")}
+        sd = SafetensorsFile(weights)
+        return {k: sd[k] for k in sd}, config, file_metadata(sd)
+    sd = open_state_dict(path)
+    metadata = file_metadata(sd)
+    layout = detect_layout(sd.keys())
+    if layout == "kohya":
+        raise ValueError(f"{path} is a ControlNet-LLLite file (lllite_unet_* keys), not a ControlNet")
+    if layout == "diffusers":  # a bare diffusion_pytorch_model.safetensors: the config must come from metadata
+        if META + "controlnet_config" not in metadata:
+            raise ValueError(f"{path}: diffusers-named ControlNet weights without config; pass the folder instead")
+        return {k: sd[k] for k in sd}, json.loads(metadata[META + "controlnet_config"]), metadata
+    if not any(k.startswith(lf.CONTROL_PREFIX) for k in sd):
+        sd = {lf.CONTROL_PREFIX + k: v for k, v in sd.items()}
+    shapes = {k: v for k, v in tensor_shapes(sd).items() if k.startswith(lf.CONTROL_PREFIX)}
+    config = controlnet_config_from_ldm(shapes, metadata)
+    names = lf.controlnet_names(_control_keys(config), config)
+    return lf.from_ldm(sd, names, lf.CONTROL_PREFIX), config, metadata
+
+
+def control_metadata(config: dict, family: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    return {
+        META + "architecture": "controlnet", META + "base_family": family,
+        META + "hint_range": CONTROLNET_HINT_RANGE, META + "hint_channels": str(config["conditioning_channels"]),
+        META + "controlnet_config": json.dumps(config, sort_keys=True), **(extra or {}),
+    }
+
+
+def control_family(config: dict) -> str:
+    return lf.CROSS_WIDTH_TO_FAMILY.get(config["cross_attention_dim"], "tiny")
+
+
+def write_control(tensors: dict[str, torch.Tensor], config: dict, out, layout: str) -> Path:
+    """Diffusers-named ControlNet tensors -> `out` in the "original" or "diffusers" layout, atomically."""
+    out = Path(out)
+    refuse_existing(out)
+    metadata = control_metadata(config, control_family(config))
+    if layout == "original":
+        ldm = lf.to_ldm(tensors, lf.controlnet_names(tensors.keys(), config), lf.CONTROL_PREFIX)
+        return save_state_dict(ldm, out, metadata if out.suffix == ".safetensors" else None)
+    if layout != "diffusers":
+        raise ValueError(f"unknown ControlNet layout {layout!r}; use 'original' or 'diffusers'")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with torch.device("meta"):
+            ControlNetModel(**config).save_config(tmp)  # config.json as from_pretrained expects it
+        save_state_dict(tensors, tmp / DIFFUSERS_WEIGHTS, dict(metadata, format="pt"))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# --- ControlNet-LLLite (kohya) -------------------------------------------------------------------------------
+
+def read_lllite(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A kohya LLLite file (any dtype, with or without metadata) -> (its tensors, its metadata)."""
+    sd = open_state_dict(path)
+    if detect_layout(sd.keys()) != "kohya":
+        raise ValueError(f"{path}: no lllite_unet_* keys, not a ControlNet-LLLite file")
+    return {k: sd[k] for k in sd}, file_metadata(sd)
+
+
+def lllite_metadata(tensors: dict[str, torch.Tensor], family: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """kohya's SAI model-spec architecture string plus this project's keys."""
+    cond = next(v for k, v in tensors.items() if k.endswith("conditioning1.0.weight"))
+    mlp = next(v for k, v in tensors.items() if k.endswith("down.0.weight"))
+    spec = {"sdxl": "stable-diffusion-xl-v1-base", "sd2": "stable-diffusion-v2", "sd1": "stable-diffusion-v1"}
+    return {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{spec.get(family, family)}/control-net-lllite",
+        META + "architecture": "controlnet-lllite", META + "base_family": family,
+        META + "hint_range": LLLITE_HINT_RANGE, META + "hint_channels": str(cond.shape[1]),
+        META + "cond_emb_dim": str(cond.shape[0] * 2), META + "mlp_dim": str(mlp.shape[0]), **(extra or {}),
+    }
+
+
+def lllite_family(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """From our metadata, kohya's model-spec, or the layout: SDXL has no attention in input block 1.
+
+    LLLite wraps only self-attention, which looks the same in SD1 and SD2: without metadata such a
+    file is "sd1/sd2" and loads on either.
+    """
+    if META + "base_family" in metadata:
+        return metadata[META + "base_family"]
+    if "xl" in metadata.get("modelspec.architecture", ""):
+        return "sdxl"
+    return "sd1/sd2" if any(k.startswith(LLLITE_PREFIX + "input_blocks_1_") for k in tensors) else "sdxl"

@@ -1,0 +1,162 @@
+"""Add a fresh ControlNet to a Stable Diffusion checkpoint, like the original `tool_add_control.py`.
+
+    python tool_add_control.py ./models/v1-5-pruned.ckpt ./models/control_sd15_ini.ckpt
+    python tool_add_control.py ./models/v1-5-pruned.safetensors ./models/control_sd15_ini.safetensors
+    python tool_add_control.py ./models/sd_xl_base_1.0.safetensors ./models/lllite_ini.safetensors --lllite
+
+The output is what the original writes (lllyasviel/ControlNet `tool_add_control.py`, SPEC §4): every key
+of the input except its EMA copies (`model_ema.*`), plus `control_model.*` = the ControlNet of
+`cldm.py`, whose encoder (time embedding, input blocks, middle block) is copied from
+`model.diffusion_model.*` and whose new parts start as SPEC §2 says: the hint encoder with PyTorch's
+default init and a zero last conv, the zero convs at zero. Every number comes from the input's shapes
+(channels of each input block, number of skips, VAE factor), so SD1.x, SD2.x and SDXL files all work.
+
+Unlike the original it reads .safetensors as well as pickles (pickles with `weights_only=True`,
+memory-mapped), checks that the input is an SD checkpoint, creates missing folders, never overwrites
+an existing file, writes atomically, and prints a summary instead of one line per key.
+
+`--lllite` writes a fresh ControlNet-LLLite for the input's UNet in kohya's format instead.
+"""
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from diffusers import UNet2DConditionModel
+
+from tinylllite import ldm_format as lf
+from tinylllite.control_io import (control_metadata, hint_stage_channels, lllite_metadata, refuse_existing,
+                                  save_state_dict)
+from tinylllite.hint import HintEncoder
+from tinylllite.lllite import LLLiteModule
+from tinylllite.lllite_unet import attach_lllite
+from tinylllite.sd_loading import family_config, open_state_dict, tensor_shapes
+
+ENCODER_PARTS = ("time_embed.", "label_emb.", "input_blocks.", "middle_block.")  # what cldm.py copies
+SD_VAE_FACTOR = 8  # every released SD VAE; used only when the file holds no VAE to count levels from
+
+
+def block_output_channels(shapes: dict[str, tuple], index: int) -> int:
+    """Channels leaving `input_blocks.<index>`: its downsampler, else its resnet, else conv_in."""
+    block = f"{lf.UNET_PREFIX}input_blocks.{index}.0."
+    for last in ("op.weight", "out_layers.3.weight", "weight"):
+        if block + last in shapes:
+            return shapes[block + last][0]
+    raise KeyError(f"input_blocks.{index} has none of op / out_layers.3 / a conv: unknown UNet layout")
+
+
+def vae_factor(shapes: dict[str, tuple]) -> int:
+    """2 ** (VAE levels - 1), the levels counted from `first_stage_model.encoder.down.<i>`."""
+    levels = {m[1] for k in shapes if (m := re.match(rf"{lf.VAE_PREFIX}encoder\.down\.(\d+)\.", k))}
+    return 2 ** (len(levels) - 1) if levels else SD_VAE_FACTOR
+
+
+def new_control_tensors(shapes: dict[str, tuple], dtype: torch.dtype, hint_channels: int = 3) -> dict[str, torch.Tensor]:
+    """The 42 (for SD) tensors the original initialises: hint encoder + one zero conv per skip + the middle one."""
+    first_channels = shapes[lf.UNET_PREFIX + "input_blocks.0.0.weight"][0]
+    hint = HintEncoder(hint_channels, first_channels, vae_factor(shapes))
+    hint_sd = {f"controlnet_cond_embedding.{k}": v for k, v in hint.state_dict().items()}
+    new = lf.to_ldm(hint_sd, lf.controlnet_names(hint_sd, {"layers_per_block": 2}), lf.CONTROL_PREFIX)
+
+    n_skips = len({m[1] for k in shapes if (m := re.match(rf"{lf.UNET_PREFIX}input_blocks\.(\d+)\.", k))})
+    zero_convs = [block_output_channels(shapes, i) for i in range(n_skips)]
+    zero_convs.append(shapes[lf.UNET_PREFIX + "middle_block.2.out_layers.3.weight"][0])
+    for i, channels in enumerate(zero_convs):  # "zero_module(conv_nd(dims, channels, channels, 1, padding=0))"
+        name = f"zero_convs.{i}.0" if i < n_skips else "middle_block_out.0"
+        new[f"{lf.CONTROL_PREFIX}{name}.weight"] = torch.zeros(channels, channels, 1, 1)
+        new[f"{lf.CONTROL_PREFIX}{name}.bias"] = torch.zeros(channels)
+    return {k: v.to(dtype) for k, v in new.items()}
+
+
+def check_sd_checkpoint(shapes: dict[str, tuple], path) -> str:
+    """The family of an SD checkpoint, or a ValueError that says what the file is not."""
+    if lf.UNET_PREFIX + "input_blocks.0.0.weight" not in shapes:
+        raise ValueError(f"{path} is not a Stable Diffusion checkpoint: it has no `model.diffusion_model.*` UNet "
+                         f"(first keys: {list(shapes)[:3]})")
+    if any(k.startswith(lf.CONTROL_PREFIX) for k in shapes):
+        raise ValueError(f"{path} already holds a ControlNet (`control_model.*`)")
+    try:
+        return lf.detect_family(shapes)
+    except ValueError:
+        return "unknown"  # a toy or custom UNet: everything below still reads its shapes
+
+
+def full_metadata(shapes: dict[str, tuple], new: dict[str, torch.Tensor], family: str, source) -> dict[str, str]:
+    """Metadata for a safetensors output; the ControlNet config only for the families shipped in configs/."""
+    if family == "unknown":
+        return {"tinylllite.architecture": "controlnet", "tinylllite.source": Path(source).name}
+    unet_config = dict(family_config(family)["unet"], in_channels=shapes[lf.UNET_PREFIX + "input_blocks.0.0.weight"][1])
+    stages = hint_stage_channels({k: tuple(v.shape) for k, v in new.items()})
+    config = lf.controlnet_config(unet_config, 3, stages)
+    return control_metadata(config, family, {"tinylllite.source": Path(source).name})
+
+
+def add_control(in_path, out_path) -> dict:
+    """Write IN + a fresh `control_model.*` to OUT; returns the counts the summary prints."""
+    refuse_existing(out_path)
+    sd = open_state_dict(in_path)
+    shapes = tensor_shapes(sd)
+    family = check_sd_checkpoint(shapes, in_path)
+
+    kept = {k: sd[k] for k in sd if not k.startswith(lf.EMA_PREFIX)}
+    # clone: a copy that shares storage with the UNet would be trained in place together with it
+    copied = {lf.CONTROL_PREFIX + k.removeprefix(lf.UNET_PREFIX): kept[k].clone() for k in kept
+              if k.startswith(lf.UNET_PREFIX) and k.removeprefix(lf.UNET_PREFIX).startswith(ENCODER_PARTS)}
+    new = new_control_tensors(shapes, kept[lf.UNET_PREFIX + "input_blocks.0.0.weight"].dtype)
+    metadata = full_metadata(shapes, new, family, in_path) if Path(out_path).suffix == ".safetensors" else None
+    save_state_dict({**kept, **copied, **new}, out_path, metadata)
+    return dict(family=family, kept=len(kept), dropped_ema=len(sd) - len(kept), copied=len(copied), new=len(new))
+
+
+def add_lllite(in_path, out_path, cond_emb_dim: int, mlp_dim: int) -> dict:
+    """Write a fresh ControlNet-LLLite for IN's UNet (kohya's default blocks) in kohya's format."""
+    refuse_existing(out_path)
+    shapes = tensor_shapes(open_state_dict(in_path))
+    family = check_sd_checkpoint(shapes, in_path)
+    if family == "unknown":
+        raise ValueError(f"{in_path}: --lllite needs an SD1.x, SD2.x or SDXL checkpoint to know the UNet layout")
+    unet_config = dict(family_config(family)["unet"], in_channels=shapes[lf.UNET_PREFIX + "input_blocks.0.0.weight"][1])
+    with torch.device("meta"):  # only names, widths and depths are needed from the UNet
+        lllite = attach_lllite(UNet2DConditionModel(**unet_config), cond_emb_dim, mlp_dim, vae_factor=vae_factor(shapes))
+    tensors = {}
+    for name, module in lllite.items():
+        fresh = LLLiteModule(module.in_features, cond_emb_dim, mlp_dim, module.depth)
+        tensors.update({f"{name}.{k}": v for k, v in fresh.state_dict().items()})
+    save_state_dict(tensors, out_path, lllite_metadata(tensors, family) if Path(out_path).suffix == ".safetensors" else None)
+    return dict(family=family, modules=len(lllite), new=len(tensors), params=sum(t.numel() for t in tensors.values()))
+
+
+FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "unknown": "an SD-layout UNet of unknown family"}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("input", help="SD checkpoint (.ckpt, .pth or .safetensors)")
+    parser.add_argument("output", help="file to create (.ckpt or .safetensors); never overwritten")
+    parser.add_argument("--lllite", action="store_true", help="write a fresh ControlNet-LLLite (kohya format) instead")
+    parser.add_argument("--cond-emb-dim", type=int, default=32, help="LLLite conditioning embedding width C")
+    parser.add_argument("--mlp-dim", type=int, default=64, help="LLLite MLP width M (kohya's --network_dim)")
+    args = parser.parse_args(argv)
+    try:
+        if args.lllite:
+            s = add_lllite(args.input, args.output, args.cond_emb_dim, args.mlp_dim)
+            print(f"found {FAMILY_NAMES[s['family']]}; wrote {s['modules']} LLLite modules "
+                  f"({s['new']} tensors, {s['params']:,} parameters, C={args.cond_emb_dim}, M={args.mlp_dim}) "
+                  f"to {args.output}")
+        else:
+            s = add_control(args.input, args.output)
+            print(f"found {FAMILY_NAMES[s['family']]}; wrote {args.output}:\n"
+                  f"  kept   {s['kept']} input tensors (left out {s['dropped_ema']} EMA copies)\n"
+                  f"  copied {s['copied']} encoder tensors to control_model.*\n"
+                  f"  new    {s['new']} tensors (hint encoder, zero convs)")
+    except (FileExistsError, FileNotFoundError, ValueError) as error:
+        print(f"tool_add_control: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -138,6 +138,7 @@ class LLLite(nn.ModuleDict):
 
         H, W = the latent size × the VAE factor. Training: call it in each step (gradients reach
         conditioning1). Sampling: call it once under torch.no_grad(), before the denoising loop.
+        The embeddings live where the modules are: move the UNet first, then set the conditioning.
         """
         image = to_kohya_range(image01)  # (B, 3, H, W) in [-1, 1]
         for module in self.values():

@@ -100,6 +100,19 @@ def test_multiplier_zero_or_disabled_gives_the_plain_unet():
     assert torch.equal(run(unet, inputs), plain)  # no conditioning needed when off
 
 
+def test_modules_may_keep_a_wider_dtype_than_the_unet():
+    """float64 LLLite modules on a float32 UNet run, add Δ in float32, and are an identity at init."""
+    config = tiny_sd15_unet_config()
+    unet, inputs = tiny_unet(config), unet_inputs(config)
+    plain = run(unet, inputs)
+    lllite = attach_lllite(unet, dtype=torch.float64)
+    with lllite.conditioned(torch.rand(2, 3, 64, 64)):
+        assert lllite[next(iter(lllite))].embedding.dtype == torch.float64
+        assert torch.equal(run(unet, inputs), plain)
+        randomise_up(lllite)
+        assert run(unet, inputs).dtype == torch.float32
+
+
 def test_running_without_conditioning_raises_a_clear_error():
     """An attached, enabled LLLite with no conditioning image tells you to call set_conditioning."""
     config = tiny_sd15_unet_config()

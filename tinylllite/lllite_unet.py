@@ -50,7 +50,9 @@ class LLLiteLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.lllite.active:
-            x = x + self.lllite(x)  # (B, T, in): Δ moves the layer's input, not its output
+            # The module may be kept in a wider dtype than the UNet (e.g. float32 on a float16 UNet).
+            delta = self.lllite(x.to(self.lllite.down[0].weight.dtype)).to(x.dtype)
+            x = x + delta  # (B, T, in): Δ moves the layer's input, not its output
         return super().forward(x)
 
     def unwrap(self) -> nn.Linear:
@@ -218,10 +220,11 @@ def _mismatch_report(lllite: LLLite, state_dict, missing, unexpected, wrong) -> 
 
 
 def attach_lllite(unet: nn.Module, cond_emb_dim: int = 32, mlp_dim: int = 64, blocks: set[str] | None = None,
-                  dropout: float = 0.0, vae_factor: int = 8) -> LLLite:
+                  dropout: float = 0.0, vae_factor: int = 8, dtype: torch.dtype | None = None) -> LLLite:
     """Wrap the attention Linears of the chosen blocks ("input", "middle", "output"; None = kohya's default).
 
-    New modules live on the wrapped layer's device and dtype (meta stays meta, e.g. for counting).
+    New modules live on the wrapped layer's device (meta stays meta, e.g. for counting) and in `dtype`
+    (None: the layer's; float32 on a half-precision UNet keeps the trained weights in full precision).
     """
     if any(isinstance(m, LLLiteLinear) for m in unet.modules()):
         raise ValueError("this UNet already has LLLite attached: call detach_lllite(unet) first")
@@ -242,7 +245,7 @@ def attach_lllite(unet: nn.Module, cond_emb_dim: int = 32, mlp_dim: int = 64, bl
                     raise TypeError(f"{path} is a {type(linear).__name__}, not an nn.Linear (fused projections?)")
                 with torch.device(linear.weight.device):
                     module = LLLiteModule(linear.in_features, cond_emb_dim, mlp_dim, depth, dropout)
-                module.to(linear.weight.dtype)
+                module.to(dtype or linear.weight.dtype)
                 unet.set_submodule(path, LLLiteLinear(linear, module))
                 name = kohya_name(path, unet.config)
                 modules[name], paths[name] = module, path

@@ -212,8 +212,7 @@ def test_per_residual_scales_need_one_value_per_residual():
 
 
 def test_guess_mode_ramp_and_unconditional_half():
-    """Guess mode scales follow diffusers' logspace (within 9.4e-4 of the original 0.825**(12-i)) and the
-    unconditional half of the CFG batch gets zero residuals."""
+    """Guess mode: diffusers' logspace ramp (within 9.4e-4 of 0.825**(12-i)); the uncond CFG half gets zeros."""
     scales = guess_mode_scales(13)
     original = [0.825 ** (12 - i) for i in range(13)]
     residuals = ControlResiduals((torch.ones(1, 2, 4, 4),), torch.ones(1, 3, 2, 2))

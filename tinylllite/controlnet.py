@@ -127,7 +127,8 @@ class ControlNet(nn.Module):
     def __init__(self, unet, hint_channels: int = 3, vae_scale_factor: int = 8):
         super().__init__()
         _check_supported(unet)
-        weight = unet.conv_in.weight
+        weight = unet.conv_in.weight  # new layers are made on the UNet's device, in its dtype
+        # Registration order follows diffusers' ControlNetModel, so even the state_dict key order matches.
         self.conv_in = copy.deepcopy(unet.conv_in)
         self.time_proj = copy.deepcopy(unet.time_proj)  # sinusoidal, no parameters
         self.time_embedding = copy.deepcopy(unet.time_embedding)

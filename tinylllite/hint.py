@@ -85,6 +85,7 @@ class HintEncoder(nn.Module):
 
     def forward(self, hint: torch.Tensor) -> torch.Tensor:
         self.check_hint(hint)
+        hint = hint.to(self.conv_in.weight.dtype)  # a float32 hint may meet a half-precision encoder
         h = F.silu(self.conv_in(hint))  # (B, 3, H, W) -> (B, 16, H, W)
         for conv in self.blocks:
             h = F.silu(conv(h))  # after all blocks: (B, 256, H/f, W/f)

@@ -12,8 +12,9 @@ condition", `docs/train.md`). This file puts two numbers on it:
   pixels, so outlines clipped by the border (about half of Fill50K) work too.
 - `colour_error`: the mean RGB (0-255) Euclidean distance between the two dominant colours and the
   prompt's circle and background colours, under the same assignment. It ignores where the disc is,
-  so a base model that draws the circle anywhere is judged on colour alone. Two random Fill50K colour
-  pairs are about 147 apart (`chance_colour_error`).
+  so a base model that draws the circle anywhere is judged on colour alone. Chance, a random colour
+  pair scored against a random prompt, is 163.5 (`chance_colour_error`; letting each prompt colour
+  take its nearest image colour, without a one-to-one assignment, would give 146).
 
 Pairs whose two colours are closer than ~60 cannot be segmented reliably and are left out of
 evaluation sets (`distinguishable`). Not a perceptual metric; not defined for other datasets.

@@ -12,7 +12,7 @@ from PIL import Image
 
 from tinylllite.datasets import Fill50KDataset, PairedFolderDataset
 from tinylllite.fill50k import make_pair, write_fill50k
-from tinylllite.kohya_toml import load_kohya_toml, parse_kohya_toml
+from tinylllite.kohya_toml import load_kohya_toml, open_training_data, parse_kohya_toml
 
 ROOT = Path(__file__).parent.parent
 
@@ -176,6 +176,19 @@ batch_size = 4
     assert len(loaded.dataset) == 3 and loaded.batch_size == 4
     item = loaded.dataset[0]
     assert item["jpg"].shape == (48, 32, 3) and item["txt"] == "caption of a"
+
+
+def test_open_training_data_accepts_a_folder_a_jsonl_file_and_a_toml(tmp_path, fill50k_root):
+    """One call opens each description; only the .toml brings a batch size."""
+    marked_pair(tmp_path, "a")
+    toml = write_toml(tmp_path / "d.toml", f"""[general]\nresolution = 32\n[[datasets]]\nbatch_size = 2
+[[datasets.subsets]]\nimage_dir = "{tmp_path / 'images'}"\nconditioning_data_dir = "{tmp_path / 'cond'}"
+caption_extension = ".txt"\n""")
+    folder, batch = open_training_data(fill50k_root)
+    assert len(folder) == 3 and batch is None
+    assert len(open_training_data(fill50k_root / "prompt.json", size=16)[0][0]["jpg"]) == 16
+    dataset, batch = open_training_data(toml)
+    assert batch == 2 and dataset[0]["hint"].shape == (32, 32, 3)
 
 
 @pytest.mark.parametrize("body, message", [

@@ -17,7 +17,7 @@ kohya's ControlNet-LLLite guide (sd-scripts `docs/train_lllite_README.md`) descr
 
 Options set in `[general]` apply to every dataset, options of a `[[datasets]]` table to its subsets;
 the innermost wins, as in sd-scripts. Paths are taken as written (relative ones from the current
-folder, as sd-scripts does). Supported: the keys below. Anything else (buckets, caption shuffling,
+folder, as sd-scripts does). Supported: the keys below. `open_training_data` opens any of the three dataset descriptions. Anything else (buckets, caption shuffling,
 regularisation images, ...) is refused by name rather than silently ignored. `color_aug = true` is
 refused: colour augmentation changes the image but not its condition.
 """
@@ -27,7 +27,8 @@ from pathlib import Path
 
 from torch.utils.data import ConcatDataset
 
-from tinylllite.datasets import VAE_MULTIPLE, PairedDataset, check_size, read_folder_pairs
+from tinylllite.datasets import (VAE_MULTIPLE, Fill50KDataset, PairedDataset, PairedFolderDataset, check_size,
+                                 read_folder_pairs)
 
 SUBSET_ONLY = ("image_dir", "conditioning_data_dir")
 SUBSET_INHERITED = ("caption_extension", "num_repeats", "flip_aug", "color_aug")  # any level
@@ -126,3 +127,24 @@ def load_kohya_toml(path, multiple: int = VAE_MULTIPLE, chw: bool = False,
             parts += [part] * subset.num_repeats
         loaded.append(KohyaDataset(ConcatDataset(parts), config.batch_size, config.resolution))
     return loaded
+
+
+def open_training_data(path, size=None, multiple: int = VAE_MULTIPLE, chw: bool = False,
+                       prompt_dropout: float = 0.0):
+    """(dataset, batch size or None) from a Fill50K-style folder, a JSON Lines file or a kohya .toml.
+
+    A .toml must describe one [[datasets]] table (its resolution replaces `size`); the other two
+    keep their images' size unless `size` is given.
+    """
+    path = Path(path)
+    if path.suffix == ".toml":
+        loaded = load_kohya_toml(path, multiple, chw, prompt_dropout)
+        if len(loaded) != 1:
+            raise ValueError(f"{path}: {len(loaded)} [[datasets]] tables; tinylllite trains on one "
+                             "(merge their subsets into a single [[datasets]])")
+        return loaded[0].dataset, loaded[0].batch_size
+    if path.is_dir():
+        return Fill50KDataset(path, chw=chw, prompt_dropout=prompt_dropout, size=size,
+                              multiple=multiple), None
+    return PairedFolderDataset(path, size=size, multiple=multiple, chw=chw,
+                               prompt_dropout=prompt_dropout), None

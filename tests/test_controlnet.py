@@ -235,23 +235,37 @@ def test_hint_off_the_latent_grid_raises_a_clear_error():
         control(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"], torch.rand(2, 3, 32, 32))
 
 
-def sd15_on_meta() -> tuple[UNet2DConditionModel, ControlNet]:
-    """The real SD1.5 UNet and its ControlNet, shapes only (meta device: no memory, no weights)."""
+SD21_CHANGES = dict(attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024, use_linear_projection=True)
+
+
+def unet_on_meta(family: str) -> UNet2DConditionModel:
+    """The real SD1.5 (or SD2.1) UNet, shapes only (meta device: no memory, no weights)."""
     config = json.loads((FIXTURES / "sd15_component_configs.json").read_text())["unet"]
+    config.update(SD21_CHANGES if family == "sd21" else {})
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(config)
-    return unet, ControlNet.from_unet(unet)
+        return UNet2DConditionModel.from_config(config)
 
 
-def test_sd15_controlnet_parameter_counts_match_the_original():
-    """SD1.5: 361,279,120 params in 340 tensors, 12,566,160 new (hint, 12 zero convs, middle zero conv)."""
-    unet, control = sd15_on_meta()
+def count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
 
-    def count(module):
-        return sum(p.numel() for p in module.parameters())
 
-    assert count(unet) == 859_520_964 and len(unet.state_dict()) == 686
-    assert count(control) == 361_279_120 and len(control.state_dict()) == 340
+@pytest.mark.parametrize("family, unet_params, control_params", [("sd15", 859_520_964, 361_279_120),
+                                                                  ("sd21", 865_910_724, 364_228_240)])
+def test_controlnet_parameter_counts_match_the_original(family, unet_params, control_params):
+    """SD1.5 and SD2.1: UNet and ControlNet sizes of the released checkpoints, 340 ControlNet tensors."""
+    unet = unet_on_meta(family)
+    control = ControlNet.from_unet(unet)
+
+    assert count(unet) == unet_params and len(unet.state_dict()) == 686
+    assert count(control) == control_params and len(control.state_dict()) == 340
+
+
+def test_sd15_controlnet_new_layers_and_residual_channels_match_the_original():
+    """SD1.5: 12,566,160 new params (hint 1,086,480; 12 zero convs 9,840,000; middle 1,639,680), 13 residuals."""
+    unet = unet_on_meta("sd15")
+    control = ControlNet.from_unet(unet)
+
     assert count(control.controlnet_cond_embedding) == 1_086_480
     assert count(control.controlnet_down_blocks) == 9_840_000
     assert count(control.controlnet_mid_block) == 1_639_680
@@ -268,20 +282,26 @@ def ldm_control_name(key: str, unet_config, hint_blocks: int) -> str:
     if key.startswith("controlnet_cond_embedding."):
         part, param = key.removeprefix("controlnet_cond_embedding.").rsplit(".", 1)
         # the original's Sequential interleaves SiLUs: conv_in, SiLU, blocks.0, SiLU, ..., conv_out
-        index = 0 if part == "conv_in" else 2 * (hint_blocks + 1) if part == "conv_out" else 2 * (int(part[7:]) + 1)
+        index = 0 if part == "conv_in" else 2 * (hint_blocks + 1) if part == "conv_out" else 2 * (int(part.removeprefix("blocks.")) + 1)
         return f"input_hint_block.{index}.{param}"
     return diffusers_to_ldm(key, unet_config)
 
 
-def test_sd15_controlnet_keys_equal_diffusers_and_original_key_lists():
-    """Keys and shapes equal diffusers' ControlNet key list, and map one to one onto control_sd15_ini's keys."""
-    unet, control = sd15_on_meta()
-    ours = {k: list(v.shape) for k, v in control.state_dict().items()}
-    diffusers_keys = json.loads((FIXTURES / "diffusers_controlnet_sd15_keys.json").read_text())
-    ldm_keys = json.loads((FIXTURES / "control_sd15_keys.json").read_text())
+def test_sd15_controlnet_keys_equal_the_diffusers_key_list():
+    """Keys and shapes equal diffusers' SD1.5 ControlNet key list exactly."""
+    ours = {k: list(v.shape) for k, v in ControlNet.from_unet(unet_on_meta("sd15")).state_dict().items()}
 
+    assert ours == json.loads((FIXTURES / "diffusers_controlnet_sd15_keys.json").read_text())
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd21"])
+def test_controlnet_keys_map_one_to_one_onto_the_original_checkpoint(family):
+    """Renamed the LDM way, keys and shapes equal those of control_sd15_ini / control_sd21_ini."""
+    unet = unet_on_meta(family)
+    control = ControlNet.from_unet(unet)
     hint_blocks = len(control.controlnet_cond_embedding.blocks)
-    as_ldm = {"control_model." + ldm_control_name(k, unet.config, hint_blocks): shape for k, shape in ours.items()}
 
-    assert ours == diffusers_keys
-    assert as_ldm == ldm_keys
+    as_ldm = {"control_model." + ldm_control_name(k, unet.config, hint_blocks): list(v.shape)
+              for k, v in control.state_dict().items()}
+
+    assert as_ldm == json.loads((FIXTURES / f"control_{family}_keys.json").read_text())

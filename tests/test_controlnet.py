@@ -282,8 +282,11 @@ def ldm_control_name(key: str, unet_config, hint_blocks: int) -> str:
     if key.startswith("controlnet_cond_embedding."):
         part, param = key.removeprefix("controlnet_cond_embedding.").rsplit(".", 1)
         # the original's Sequential interleaves SiLUs: conv_in, SiLU, blocks.0, SiLU, ..., conv_out
-        index = 0 if part == "conv_in" else 2 * (hint_blocks + 1) if part == "conv_out" else 2 * (int(part.removeprefix("blocks.")) + 1)
-        return f"input_hint_block.{index}.{param}"
+        if part == "conv_in":
+            return f"input_hint_block.0.{param}"
+        if part == "conv_out":
+            return f"input_hint_block.{2 * (hint_blocks + 1)}.{param}"
+        return f"input_hint_block.{2 * (int(part.removeprefix('blocks.')) + 1)}.{param}"
     return diffusers_to_ldm(key, unet_config)
 
 

@@ -269,7 +269,8 @@ def test_sd15_controlnet_new_layers_and_residual_channels_match_the_original():
     assert count(control.controlnet_cond_embedding) == 1_086_480
     assert count(control.controlnet_down_blocks) == 9_840_000
     assert count(control.controlnet_mid_block) == 1_639_680
-    assert encoder_skip_channels(unet) + [control.controlnet_mid_block.out_channels] == [320] * 4 + [640] * 3 + [1280] * 6
+    residual_channels = encoder_skip_channels(unet) + [control.controlnet_mid_block.out_channels]
+    assert residual_channels == [320] * 4 + [640] * 3 + [1280] * 5 + [1280]
 
 
 def ldm_control_name(key: str, unet_config, hint_blocks: int) -> str:

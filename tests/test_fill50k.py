@@ -1,4 +1,4 @@
-"""The Fill50K generator reproduces the format facts of SPEC §1 and is deterministic per item."""
+"""The Fill50K generator reproduces the real files' format facts and is deterministic per item."""
 import json
 from pathlib import Path
 

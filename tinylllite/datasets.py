@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 JSONL_KEYS = ("source", "target", "prompt")  # Fill50K's key order
-VAE_MULTIPLE = 8  # SD's VAE downsamples by 8; LLLite at depth 4 needs 64 (SPEC §5)
+VAE_MULTIPLE = 8  # SD's VAE downsamples by 8; LLLite's conditioning at depth 4 needs 64 (4 * 2^4)
 
 
 @dataclass
@@ -48,7 +48,7 @@ def read_jsonl_pairs(path) -> list[Pair]:
             item = json.loads(line)
         except json.JSONDecodeError as error:
             raise ValueError(f"{path} line {number}: not valid JSON ({error.msg}); run "
-                             f"`python -m tinylllite.dataset_check {path.parent}` to list every problem")
+                             f"`python -m tinylllite.dataset_check {path.parent}` to list every problem") from None
         if not isinstance(item, dict) or any(not isinstance(item.get(k), str) for k in JSONL_KEYS):
             raise ValueError(f"{path} line {number}: expected an object with string keys "
                              f"{', '.join(JSONL_KEYS)}, got {line[:120]}")

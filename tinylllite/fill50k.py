@@ -4,7 +4,7 @@ The original tutorial (lllyasviel/ControlNet, `docs/train.md`, `tutorial_dataset
 Fill50K: 50,000 pairs of a white circle outline on black (the condition, `source/{i}.png`) and the
 same circle filled with one named colour on a background of another (the image, `target/{i}.png`),
 captioned "<circle> circle with <background> background". No generator was published, so this file
-reproduces the format and look measured on the real files (see SPEC §1):
+reproduces the format and look measured on the real files (circle geometry estimated from 52 of them):
 
 - colours: the 140 CSS3/X11 names (CamelCase split into lowercase words, `gray` spelling), exact RGB;
 - radius uniform in [64, 256], centre x and y uniform in [96, 416] (512 px), all integers, so about

@@ -67,7 +67,7 @@ def parse_kohya_toml(path, multiple: int = VAE_MULTIPLE) -> list[DatasetConfig]:
     try:
         config = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as error:
-        raise ValueError(f"{path}: not valid TOML ({error})")
+        raise ValueError(f"{path}: not valid TOML ({error})") from None
     _refuse_unknown(config, ("general", "datasets"), str(path))
     general = config.get("general", {})
     _refuse_unknown(general, SUBSET_INHERITED + DATASET_INHERITED, f"{path} [general]")
@@ -84,7 +84,7 @@ def parse_kohya_toml(path, multiple: int = VAE_MULTIPLE) -> list[DatasetConfig]:
         try:
             resolution = check_size(resolution, multiple)
         except (TypeError, ValueError) as error:
-            raise ValueError(f"{where}: resolution {resolution!r}: {error}")
+            raise ValueError(f"{where}: resolution {resolution!r}: {error}") from None
         subsets = []
         for s, subset in enumerate(dataset.get("subsets", []), start=1):
             here = f"{where} [[datasets.subsets]] #{s}"

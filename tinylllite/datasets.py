@@ -47,8 +47,8 @@ def read_jsonl_pairs(path) -> list[Pair]:
         try:
             item = json.loads(line)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path} line {number}: not valid JSON ({error.msg}); run "
-                             f"`python -m tinylllite.dataset_check {path.parent}` to list every problem") from None
+            raise ValueError(f"{path} line {number}: not valid JSON ({error.msg}); run `python -m "
+                             f"tinylllite.dataset_check {path.parent}` to list every problem") from None
         if not isinstance(item, dict) or any(not isinstance(item.get(k), str) for k in JSONL_KEYS):
             raise ValueError(f"{path} line {number}: expected an object with string keys "
                              f"{', '.join(JSONL_KEYS)}, got {line[:120]}")

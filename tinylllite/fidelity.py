@@ -38,7 +38,8 @@ def prompt_colours(prompt: str) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"prompt {prompt!r} is not of the form '<colour> circle with <colour> background'")
     unknown = [name for name in match.groups() if name not in COLOURS]
     if unknown:
-        raise ValueError(f"prompt {prompt!r}: unknown colour name(s) {unknown}; see tinylllite.fill50k.COLOURS")
+        raise ValueError(f"prompt {prompt!r}: unknown colour name(s) {unknown}; "
+                         "see tinylllite.fill50k.COLOURS")
     return tuple(np.array(COLOURS[name], np.float64) for name in match.groups())
 
 

@@ -17,9 +17,10 @@ kohya's ControlNet-LLLite guide (sd-scripts `docs/train_lllite_README.md`) descr
 
 Options set in `[general]` apply to every dataset, options of a `[[datasets]]` table to its subsets;
 the innermost wins, as in sd-scripts. Paths are taken as written (relative ones from the current
-folder, as sd-scripts does). Supported: the keys below. `open_training_data` opens any of the three dataset descriptions. Anything else (buckets, caption shuffling,
+folder, as sd-scripts does). Supported: the keys below. Anything else (buckets, caption shuffling,
 regularisation images, ...) is refused by name rather than silently ignored. `color_aug = true` is
-refused: colour augmentation changes the image but not its condition.
+refused: colour augmentation changes the image but not its condition. `open_training_data` opens
+any of the three dataset descriptions (Fill50K folder, JSON Lines file, .toml).
 """
 import tomllib
 from dataclasses import dataclass

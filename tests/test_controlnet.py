@@ -251,7 +251,8 @@ def count(module: torch.nn.Module) -> int:
 
 
 @pytest.mark.parametrize("family, unet_params, control_params", [("sd15", 859_520_964, 361_279_120),
-                                                                  ("sd21", 865_910_724, 364_228_240)])
+                                                                  ("sd21", 865_910_724, 364_228_240)],
+                         ids=["sd15", "sd21"])
 def test_controlnet_parameter_counts_match_the_original(family, unet_params, control_params):
     """SD1.5 and SD2.1: UNet and ControlNet sizes of the released checkpoints, 340 ControlNet tensors."""
     unet = unet_on_meta(family)

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from tinylllite.fidelity import (chance_colour_error, distinguishable, fill50k_fidelity, fit_circle,
-                                 prompt_colours)
+from tinylllite.fidelity import (chance_colour_error, distinguishable, evaluation_pairs, fill50k_fidelity,
+                                 fit_circle, prompt_colours)
 from tinylllite.fill50k import COLOURS, make_pair
 
 
@@ -93,6 +93,13 @@ def test_close_colour_pairs_are_left_out_of_evaluation():
     """Colours under 60 apart are not distinguishable; far apart ones are."""
     assert not distinguishable("white circle with snow background")
     assert distinguishable("black circle with white background")
+
+
+def test_evaluation_pairs_are_held_out_and_distinguishable():
+    """evaluation_pairs gives n pairs, none closer than 60 in colour, drawn from a seed other than 0."""
+    pairs = evaluation_pairs(30, size=32)
+    assert len(pairs) == 30 and all(distinguishable(p.prompt) for p in pairs)
+    assert pairs[0].prompt != make_pair(0, 0, 32).prompt
 
 
 def test_bad_inputs_are_refused_with_a_message():

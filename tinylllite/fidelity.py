@@ -23,9 +23,10 @@ import re
 
 import numpy as np
 
-from tinylllite.fill50k import COLOURS
+from tinylllite.fill50k import COLOURS, Fill50KPair, make_pair
 
 MIN_COLOUR_DISTANCE = 60.0  # RGB 0-255; closer circle/background colours are left out of evaluation
+EVALUATION_SEED = 1_000_003  # held out: training sets are drawn with other seeds (default 0)
 KMEANS_ITERATIONS = 20
 GAUSS_NEWTON_STEPS = 5
 PROMPT_PATTERN = re.compile(r"^(?P<circle>.+) circle with (?P<background>.+) background$")
@@ -54,6 +55,18 @@ def box_blur(image: np.ndarray) -> np.ndarray:
     padded = np.pad(image.astype(np.float64), ((1, 1), (1, 1), (0, 0)), mode="edge")
     h, w = image.shape[:2]
     return sum(padded[dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)) / 9
+
+
+def evaluation_pairs(n: int, size: int = 64, seed: int = EVALUATION_SEED,
+                     min_distance: float = MIN_COLOUR_DISTANCE) -> list[Fill50KPair]:
+    """The first n pairs of `seed` whose two colours are at least `min_distance` apart."""
+    pairs, index = [], 0
+    while len(pairs) < n:
+        pair = make_pair(seed, index, size)
+        if distinguishable(pair.prompt, min_distance):
+            pairs.append(pair)
+        index += 1
+    return pairs
 
 
 def two_colours(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -7,12 +7,6 @@ from tinylllite.fidelity import (chance_colour_error, distinguishable, evaluatio
 from tinylllite.fill50k import COLOURS, make_pair
 
 
-def evaluation_pairs(size, count):
-    """The first `count` generated pairs whose colours are far enough apart to evaluate."""
-    pairs = (make_pair(0, i, size) for i in range(10 * count))
-    return [p for p in pairs if distinguishable(p.prompt)][:count]
-
-
 def swapped_colours(pair):
     """The target with circle and background colours exchanged."""
     disc = (pair.target == COLOURS[pair.circle]).all(axis=2, keepdims=True)
@@ -22,7 +16,7 @@ def swapped_colours(pair):
 @pytest.mark.parametrize("size, count", [(64, 120), (512, 4)])
 def test_ground_truth_targets_score_iou_at_least_098_and_no_colour_error(size, count):
     """Every true target, clipped circles included, scores IoU >= 0.98 and colour error 0."""
-    for pair in evaluation_pairs(size, count):
+    for pair in evaluation_pairs(count, size):
         score = fill50k_fidelity(pair.target, pair.source, pair.prompt)
         assert score["iou"] >= 0.98, (pair.prompt, pair.centre, pair.radius)
         assert score["colour_error"] == 0.0
@@ -31,7 +25,7 @@ def test_ground_truth_targets_score_iou_at_least_098_and_no_colour_error(size, c
 @pytest.mark.parametrize("size", [64, 512])
 def test_a_disc_shifted_by_its_radius_scores_low_iou(size):
     """Moving the right disc by one radius keeps its colours but drops IoU below 0.5."""
-    for pair in evaluation_pairs(size, 3):
+    for pair in evaluation_pairs(3, size):
         shift = int(round(pair.radius))
         moved = np.roll(pair.target, shift, axis=1)
         moved[:, :shift] = COLOURS[pair.background]  # no wrap-around of the disc
@@ -42,7 +36,7 @@ def test_a_disc_shifted_by_its_radius_scores_low_iou(size):
 @pytest.mark.parametrize("size", [64, 512])
 def test_a_colour_swapped_disc_scores_low_iou(size):
     """The right shape in swapped colours is not credited: the prompt decides which colour is the circle."""
-    for pair in evaluation_pairs(size, 3):
+    for pair in evaluation_pairs(3, size):
         score = fill50k_fidelity(swapped_colours(pair), pair.source, pair.prompt)
         assert score["iou"] < 0.05
 
@@ -51,7 +45,7 @@ def test_a_colour_swapped_disc_scores_low_iou(size):
 def test_a_slightly_tinted_noisy_correct_disc_scores_high_iou(size):
     """A tint of (+20, -15, +10) plus pixel noise keeps IoU >= 0.95; the colour error shows the tint."""
     rng = np.random.default_rng(0)
-    for pair in evaluation_pairs(size, 4):
+    for pair in evaluation_pairs(4, size):
         noisy = pair.target + np.array([20, -15, 10]) + rng.normal(0, 8, pair.target.shape)
         score = fill50k_fidelity(np.clip(noisy, 0, 255).astype(np.uint8), pair.source, pair.prompt)
         assert score["iou"] >= 0.95
@@ -73,7 +67,7 @@ def test_wrong_colours_score_near_chance_and_chance_is_about_163():
     names = list(COLOURS)
     rng = np.random.default_rng(1)
     errors = []
-    for pair in evaluation_pairs(64, 20):
+    for pair in evaluation_pairs(20, 64):
         circle, background = (COLOURS[names[i]] for i in rng.integers(len(names), size=2))
         disc = (pair.target == COLOURS[pair.circle]).all(2, keepdims=True)
         recoloured = np.where(disc, circle, background).astype(np.uint8)

@@ -1,0 +1,132 @@
+"""Training checkpoints: only the trained weights, as safetensors, plus what a resume needs.
+
+The original saves the whole ControlLDM every time (5.7 GB for SD1.5, base weights included, as a
+pickle). Here a checkpoint is a folder `OUT/checkpoints/step_0001200/` holding
+
+- `control.safetensors`: the branch in its own key layout (ControlNet: diffusers' ControlNetModel
+  keys; LLLite: kohya's `lllite_unet_*` keys), loadable by `load_control` or other tools;
+- `unet_decoder.safetensors`: the unlocked UNet decoder (only when `sd_locked=False`);
+- `training_state.pt`: optimizer, loss scaler, RNG, step and data position (read with
+  `torch.load(weights_only=True)`, so loading executes no code).
+
+Writes are atomic: the folder is assembled as `step_N.tmp/` and renamed in one `os.replace`, so a run
+killed mid-save leaves the previous checkpoint intact. Only the last K are kept.
+"""
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tinylllite.base import StableDiffusionBase
+from tinylllite.control_branch import control_kind
+
+STEP_DIR = re.compile(r"^step_(\d{7})$")
+STATE_FILE = "training_state.pt"
+
+
+def trainable_weights(base: StableDiffusionBase, control) -> dict[str, dict[str, torch.Tensor]]:
+    """{file stem: tensors} of everything trained: the branch, plus the UNet decoder if it was unlocked."""
+    kind = control_kind(control)
+    branch = control.state_dict() if kind == "controlnet" else control.kohya_state_dict()
+    branch_ids = {id(p) for p in control.parameters()}
+    decoder = {n: p for n, p in base.unet.named_parameters() if p.requires_grad and id(p) not in branch_ids}
+    files = {"control": branch} | ({"unet_decoder": decoder} if decoder else {})
+    return {stem: {k: v.detach().cpu().contiguous() for k, v in tensors.items()} for stem, tensors in files.items()}
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def list_checkpoints(run_dir) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (half-written `.tmp` folders are not checkpoints)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(done, key=lambda p: p.name)
+
+
+def save_checkpoint(run_dir, step: int, weights: dict[str, dict[str, torch.Tensor]], state: dict,
+                    keep_last: int = 3) -> Path:
+    """Write step_N/ atomically (tmp folder, then rename), then delete all but the newest `keep_last`."""
+    root = Path(run_dir) / "checkpoints"
+    final, tmp = root / f"step_{step:07d}", root / f"step_{step:07d}.tmp"
+    if final.exists():  # e.g. Ctrl-C right after the periodic save of the same step
+        return final
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for stem, tensors in weights.items():
+        save_file(tensors, tmp / f"{stem}.safetensors", metadata={"format": "pt", "step": str(step)})
+    torch.save(state, tmp / STATE_FILE)
+    for file in tmp.iterdir():
+        _fsync(file)
+    os.replace(tmp, final)
+    _fsync(root)
+    for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old)
+    return final
+
+
+def resolve_checkpoint(path) -> Path:
+    """A step_N folder, or a run folder (its newest checkpoint)."""
+    path = Path(path)
+    if (path / STATE_FILE).is_file():
+        return path
+    found = list_checkpoints(path)
+    if not found:
+        raise FileNotFoundError(f"no checkpoint in {path}: expected {path}/checkpoints/step_NNNNNNN/{STATE_FILE} "
+                                f"or a step folder itself")
+    return found[-1]
+
+
+def load_checkpoint(path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """(weights by file stem, training state) of a checkpoint folder or of a run's newest checkpoint."""
+    folder = resolve_checkpoint(path)
+    weights = {f.name.removesuffix(".safetensors"): load_file(f) for f in folder.glob("*.safetensors")}
+    return weights, torch.load(folder / STATE_FILE, weights_only=True)
+
+
+def load_trainable(base: StableDiffusionBase, control, weights: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Put checkpointed weights back into the branch (and the unlocked decoder); every key must match."""
+    if control_kind(control) == "controlnet":
+        control.load_state_dict(weights["control"])
+    else:
+        control.load_kohya_state_dict(weights["control"])
+    if "unet_decoder" in weights:
+        unexpected = base.unet.load_state_dict(weights["unet_decoder"], strict=False).unexpected_keys
+        if unexpected:
+            raise KeyError(f"unet_decoder.safetensors has keys the UNet lacks, e.g. {unexpected[:3]}")
+
+
+def load_control(base: StableDiffusionBase, path):
+    """Build the branch a .safetensors file (or checkpoint folder) holds and load it onto `base`.
+
+    ControlNet vs LLLite is read from the keys; for LLLite also C, M, depths and blocks (SPEC §5).
+    """
+    path = Path(path)
+    weights = load_checkpoint(path)[0] if path.is_dir() else {"control": load_file(path)}
+    keys = list(weights["control"])
+    if any(k.startswith("lllite_unet_") for k in keys):
+        from tinylllite.lllite_unet import attach_lllite_from_kohya
+
+        control = attach_lllite_from_kohya(base.unet, weights["control"])
+    elif any(k.startswith("controlnet_cond_embedding.") for k in keys):
+        from tinylllite.controlnet import ControlNet
+
+        hint_channels = weights["control"]["controlnet_cond_embedding.conv_in.weight"].shape[1]
+        control = ControlNet.from_unet(base.unet, hint_channels=hint_channels, vae_scale_factor=base.vae_scale_factor)
+        control.load_state_dict(weights["control"])
+    else:
+        raise KeyError(f"{path} holds neither a ControlNet (controlnet_cond_embedding.*) nor an LLLite "
+                       f"(lllite_unet_*); first keys: {keys[:3]}")
+    if "unet_decoder" in weights:
+        load_trainable(base, control, {"control": control.state_dict(), "unet_decoder": weights["unet_decoder"]})
+    return control.to(base.device, base.unet.dtype).eval()

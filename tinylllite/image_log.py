@@ -1,0 +1,158 @@
+"""What a training run shows: image panels, the held-out fidelity evaluation, metrics.jsonl and its plot.
+
+Mirrors the original's `ImageLogger` (lllyasviel/ControlNet `cldm/logger.py`, `ControlLDM.log_images`;
+SPEC §3): every `logger_freq` steps (and at step 0) it writes, for 4 training items, the panels
+`control`, `reconstruction` (VAE round trip of the target), `conditioning` (the prompt drawn as text)
+and `samples_cfg_scale_9.00` (DDIM 50 steps, eta 0, CFG 9, unconditional = empty prompt + same hint)
+to `OUT/image_log/<panel>_gs-<step>.png`. Added: a fixed held-out grid and user validation pairs
+(diffusers' `--validation_prompt/--validation_image`), all made by `sample.sample` with the weights in
+memory, and on Fill50K the fidelity metric (disc IoU, colour error) on held-out pairs of a separate seed.
+Left out: the original's per-epoch folders and its EMA/`log_images` switches.
+"""
+import json
+import os
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from tinylllite.sample import sample
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
+
+HELDOUT_SEED = 1_000_003  # Fill50K held-out pairs: a seed no training set uses
+
+
+def save_png(image: np.ndarray, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    Image.fromarray(image).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def row(images) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> one (H, N*W, 3) strip with a 2 px gap."""
+    gap = np.full((images[0].shape[0], 2, 3), 255, np.uint8)
+    return np.concatenate([part for image in images for part in (image, gap)][:-1], axis=1)
+
+
+def text_panel(prompt: str, size: int) -> np.ndarray:
+    """The prompt drawn on white, wrapped to the image width (the original's `conditioning` panel)."""
+    canvas = Image.new("RGB", (size, size), "white")
+    draw, line, lines = ImageDraw.Draw(canvas), "", []
+    chars_per_line = max(size // 7, 4)
+    for word in prompt.split():
+        if line and len(line) + 1 + len(word) > chars_per_line:
+            lines.append(line)
+            line = ""
+        line = f"{line} {word}".strip()
+    draw.multiline_text((2, 2), "\n".join(lines + [line]), fill="black")
+    return np.asarray(canvas)
+
+
+def to_uint8(image01_or_pm1: np.ndarray, signed: bool) -> np.ndarray:
+    """HWC float in [-1, 1] (signed) or [0, 1] -> uint8."""
+    scaled = (np.asarray(image01_or_pm1) + 1) * 127.5 if signed else np.asarray(image01_or_pm1) * 255
+    return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
+
+
+@torch.no_grad()
+def log_training_panels(base, control, items: list[dict], step: int, out_dir, steps: int = 50, cfg: float = 9.0,
+                        seed: int = 0) -> list[Path]:
+    """The original's four panels for these dataset items (dicts jpg [-1,1], txt, hint [0,1], HWC)."""
+    hints = np.stack([to_uint8(item["hint"], signed=False) for item in items])  # (N, H, W, 3)
+    targets = torch.stack([torch.as_tensor(item["jpg"]) for item in items]).permute(0, 3, 1, 2)  # (N, 3, H, W)
+    vae = base.vae
+    latents = vae.encode(targets.to(vae.device, vae.dtype)).latent_dist.mode()
+    reconstruction = vae.decode(latents).sample.permute(0, 2, 3, 1).float().cpu().numpy()  # (N, H, W, 3)
+    prompts = [item["txt"] for item in items]
+    samples = sample(base, prompts, control, hints, steps=steps, cfg=cfg, seed=seed)
+    panels = {"control": hints, "reconstruction": [to_uint8(r, signed=True) for r in reconstruction],
+              "conditioning": [text_panel(p, hints.shape[1]) for p in prompts],
+              f"samples_cfg_scale_{cfg:.2f}": samples}
+    folder = Path(out_dir) / "image_log"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{name}_gs-{step:06d}.png" for name in panels]
+    for path, images in zip(paths, panels.values()):
+        save_png(row(images), path)
+    return paths
+
+
+def log_pairs_grid(base, control, prompts: list[str], hints: np.ndarray, path: Path, steps: int, cfg: float,
+                   seed: int = 0, targets: np.ndarray | None = None) -> np.ndarray:
+    """Rows: hint, sample (and target when known); used for the held-out grid and validation pairs."""
+    samples = sample(base, prompts, control, hints, steps=steps, cfg=cfg, seed=seed)
+    rows = [row(hints), row(samples)] + ([row(targets)] if targets is not None else [])
+    gap = np.full((2, rows[0].shape[1], 3), 255, np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_png(np.concatenate([part for r in rows for part in (r, gap)][:-1], axis=0), path)
+    return samples
+
+
+def heldout_pairs(n: int, size: int, seed: int = HELDOUT_SEED, min_colour_distance: float = 60.0):
+    """The first n Fill50K pairs of a separate seed whose two colours are at least `min_colour_distance` apart (RGB)."""
+    from tinylllite.fidelity import distinguishable
+    from tinylllite.fill50k import make_pair
+
+    pairs, index = [], 0
+    while len(pairs) < n:
+        pair = make_pair(seed, index, size=size)
+        if distinguishable(pair.prompt, min_colour_distance):
+            pairs.append(pair)
+        index += 1
+    return pairs
+
+
+@torch.no_grad()
+def evaluate_fidelity(base, control, pairs, steps: int = 20, cfg: float = 9.0, sampler: str = "ddim",
+                      batch_size: int = 16, seed: int = 0) -> dict:
+    """Mean disc IoU and colour error of `sample` outputs against the pairs' outlines and prompts (Fill50K)."""
+    from tinylllite.fidelity import fill50k_fidelity
+
+    scores = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        images = sample(base, [p.prompt for p in chunk], control, np.stack([p.source for p in chunk]), steps=steps,
+                        cfg=cfg, sampler=sampler, seed=seed + start)
+        scores += [fill50k_fidelity(image, p.source, p.prompt) for image, p in zip(images, chunk)]
+    return {"fidelity_iou": float(np.mean([s["iou"] for s in scores])),
+            "colour_error": float(np.mean([s["colour_error"] for s in scores]))}
+
+
+class MetricsLog:
+    """OUT/metrics.jsonl, one JSON object per log event, and OUT/metrics.png plotting every numeric field by step."""
+
+    def __init__(self, out_dir, append: bool = False, keep_until: int = 0):
+        """append: continue a resumed run's file, dropping events after `keep_until` (logged after its checkpoint)."""
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = [e for e in self.events() if e["step"] <= keep_until] if append and self.path.exists() else []
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(e) + "\n" for e in kept))
+        os.replace(tmp, self.path)
+
+    def write(self, **event) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(event) + "\n")
+
+    def events(self) -> list[dict]:
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def plot(self) -> Path:
+        events = self.events()
+        fields = sorted({k for e in events for k, v in e.items() if k != "step" and isinstance(v, (int, float))})
+        figure, axes = plt.subplots(len(fields), 1, figsize=(6, 2.2 * max(len(fields), 1)), squeeze=False)
+        for axis, name in zip(axes[:, 0], fields):
+            points = [(e["step"], e[name]) for e in events if name in e]
+            axis.plot(*zip(*points), marker="." if len(points) < 50 else None)
+            axis.set_ylabel(name)
+        axes[-1, 0].set_xlabel("optimizer step")
+        figure.tight_layout()
+        out = self.path.with_suffix(".png")
+        tmp = out.with_name(out.name + ".tmp")
+        figure.savefig(tmp, format="png", dpi=80)
+        plt.close(figure)
+        os.replace(tmp, out)
+        return out

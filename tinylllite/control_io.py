@@ -26,6 +26,8 @@ from diffusers import ControlNetModel
 from safetensors.torch import save_file
 
 from tinylllite import ldm_format as lf
+from tinylllite.controlnet import ControlNet
+from tinylllite.lllite_unet import attach_lllite_from_kohya
 from tinylllite.sd_loading import PICKLE_SUFFIXES, SafetensorsFile, family_config, open_state_dict, tensor_shapes
 
 META = "tinylllite."  # prefix of this project's metadata keys
@@ -89,7 +91,11 @@ def controlnet_config_from_ldm(ldm_shapes: dict[str, tuple], metadata: dict[str,
     """The ControlNetModel config of an original-layout control: from our metadata, else from its shapes."""
     if META + "controlnet_config" in metadata:
         return json.loads(metadata[META + "controlnet_config"])
-    family = lf.detect_family(ldm_shapes, lf.CONTROL_PREFIX)
+    try:
+        family = lf.detect_family(ldm_shapes, lf.CONTROL_PREFIX)
+    except ValueError as error:
+        raise ValueError(f"no ControlNet config: the file carries no {META}controlnet_config metadata and {error}; "
+                         f"convert a .safetensors this project wrote, or the diffusers folder") from error
     unet_config = dict(family_config(family)["unet"], in_channels=ldm_shapes[lf.CONTROL_PREFIX + "input_blocks.0.0.weight"][1])
     hint_in = ldm_shapes[lf.CONTROL_PREFIX + "input_hint_block.0.weight"][1]
     return lf.controlnet_config(unet_config, hint_in, hint_stage_channels(ldm_shapes))
@@ -139,11 +145,12 @@ def control_family(config: dict) -> str:
     return lf.CROSS_WIDTH_TO_FAMILY.get(config["cross_attention_dim"], "tiny")
 
 
-def write_control(tensors: dict[str, torch.Tensor], config: dict, out, layout: str) -> Path:
+def write_control(tensors: dict[str, torch.Tensor], config: dict, out, layout: str,
+                  metadata: dict[str, str] | None = None) -> Path:
     """Diffusers-named ControlNet tensors -> `out` in the "original" or "diffusers" layout, atomically."""
     out = Path(out)
     refuse_existing(out)
-    metadata = control_metadata(config, control_family(config))
+    metadata = {**(metadata or {}), **control_metadata(config, control_family(config))}
     if layout == "original":
         ldm = lf.to_ldm(tensors, lf.controlnet_names(tensors.keys(), config), lf.CONTROL_PREFIX)
         return save_state_dict(ldm, out, metadata if out.suffix == ".safetensors" else None)
@@ -160,6 +167,15 @@ def write_control(tensors: dict[str, torch.Tensor], config: dict, out, layout: s
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def save_controlnet(control, unet, out, layout: str = "original") -> Path:
+    """Save a tinylllite ControlNet built on `unet` in the original (A1111) or diffusers layout."""
+    hint = control.controlnet_cond_embedding
+    stages = [hint.conv_in.out_channels] + [conv.out_channels for conv in hint.blocks[1::2]]  # stride-2 convs
+    config = lf.controlnet_config(dict(unet.config), hint.conv_in.in_channels, stages)
+    tensors = {k: v.detach().cpu() for k, v in control.state_dict().items()}
+    return write_control(tensors, config, out, layout)
 
 
 # --- ControlNet-LLLite (kohya) -------------------------------------------------------------------------------
@@ -197,3 +213,63 @@ def lllite_family(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) ->
     if "xl" in metadata.get("modelspec.architecture", ""):
         return "sdxl"
     return "sd1/sd2" if any(k.startswith(LLLITE_PREFIX + "input_blocks_1_") for k in tensors) else "sdxl"
+
+
+# --- loading any layout onto a base, for inference ------------------------------------------------------------
+
+FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "sd1/sd2": "SD1.x or SD2.x", "tiny": "the tiny SD"}
+
+
+def _check_family(path, family: str | None, base) -> None:
+    if family in (None, "tiny") or base.family == "tiny" or base.family in family.split("/"):
+        return  # toy models have no family to compare: the shape checks that follow still apply
+    raise ValueError(f"{path} was trained for {FAMILY_NAMES.get(family, family)} but the base is "
+                     f"{FAMILY_NAMES[base.family]}: load it onto a {FAMILY_NAMES.get(family, family)} base "
+                     f"(ControlNets and LLLites only work on the base family they were trained on)")
+
+
+def _file_family(metadata: dict[str, str], shapes: dict[str, tuple], prefix: str) -> str | None:
+    if META + "base_family" in metadata:
+        return metadata[META + "base_family"]
+    try:
+        return lf.detect_family(shapes, prefix)
+    except ValueError:
+        return None
+
+
+def load_any_control(path, base):
+    """A ControlNet (original, full, A1111, diffusers folder or file) or a kohya LLLite, built on `base`.
+
+    The family the file was trained for is checked against the base first, so an SD1 control on an
+    SD2 base fails with a sentence, not with a page of shape mismatches.
+    """
+    path = Path(path)
+    if path.is_file() and detect_layout(open_state_dict(path).keys()) == "kohya":
+        tensors, metadata = read_lllite(path)
+        _check_family(path, lllite_family(tensors, metadata), base)
+        return attach_lllite_from_kohya(base.unet, tensors, vae_factor=base.vae_scale_factor)
+    sd = SafetensorsFile(path / DIFFUSERS_WEIGHTS) if path.is_dir() else open_state_dict(path)
+    metadata = file_metadata(sd)
+    if path.is_dir() or detect_layout(sd.keys()) == "diffusers":
+        prefix, hint_key = "", "controlnet_cond_embedding.conv_in.weight"
+    else:
+        if not any(k.startswith(lf.CONTROL_PREFIX) for k in sd):
+            sd = {lf.CONTROL_PREFIX + k: v for k, v in sd.items()}
+        prefix, hint_key = lf.CONTROL_PREFIX, lf.CONTROL_PREFIX + "input_hint_block.0.weight"
+    shapes = tensor_shapes(sd)
+    _check_family(path, _file_family(metadata, shapes, prefix), base)
+    control = ControlNet.from_unet(base.unet, shapes[hint_key][1], base.vae_scale_factor)
+    own = control.state_dict()
+    try:
+        tensors = lf.from_ldm(sd, lf.controlnet_names(own, base.unet.config), prefix) if prefix else dict(sd)
+    except KeyError as error:
+        raise ValueError(f"{path} does not fit this base's UNet ({error}): it was made for another base model") from error
+    wrong = [f"{k}: file {tuple(tensors[k].shape)}, base {tuple(v.shape)}" for k, v in own.items()
+             if k in tensors and tensors[k].shape != v.shape]
+    wrong += [f"{k}: not in this ControlNet" for k in tensors.keys() - own.keys()]
+    wrong += [f"{k}: missing from the file" for k in own.keys() - tensors.keys()]
+    if wrong:
+        raise ValueError(f"{path} does not fit this base's UNet ({len(wrong)} problems, e.g. {wrong[:3]}): "
+                         f"it was made for another base model")
+    control.load_state_dict(tensors)
+    return control.to(base.device, base.unet.dtype).eval()

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import ControlNetModel
+from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -64,6 +64,26 @@ def test_diffusers_folder_loads_in_controlnetmodel_and_computes_the_same_residua
         down, mid = reference(sample, torch.tensor([10]), hidden, controlnet_cond=hint, return_dict=False)
     assert len(down) == len(ours.down) and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(down, ours.down))
     assert torch.allclose(mid, ours.mid, atol=1e-5)
+
+
+def test_converted_folder_runs_in_stablediffusioncontrolnetpipeline(tmp_path):
+    """diffusers' own ControlNet pipeline samples with the converted folder (2 steps, tiny parts)."""
+    base = tiny_base("sd1")
+    save_controlnet(trained_controlnet(), base.unet, tmp_path / "control.safetensors")
+    convert(tmp_path / "control.safetensors", tmp_path / "folder", "diffusers")
+    pipe = StableDiffusionControlNetPipeline(
+        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
+        controlnet=ControlNetModel.from_pretrained(tmp_path / "folder", local_files_only=True), scheduler=DDIMScheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: extra threads only contend on a shared CPU
+    try:
+        images = pipe("a red circle", image=torch.rand(1, 3, 64, 64), num_inference_steps=2, height=64, width=64,
+                      output_type="np", generator=torch.Generator().manual_seed(0)).images
+    finally:
+        torch.set_num_threads(threads)
+    assert images.shape == (1, 64, 64, 3) and images.min() >= 0 and images.max() <= 1
 
 
 def test_diffusers_folder_from_diffusers_round_trips_exactly(tmp_path):

@@ -1,6 +1,6 @@
 """State-dict names between the original (LDM / CompVis) single-file layout and diffusers/transformers.
 
-An original Stable Diffusion file is one flat dict with a prefix per part; ControlNet adds a fifth:
+An original Stable Diffusion file is one flat dict with a prefix per part (ControlNet adds its own):
 
     model.diffusion_model.*   UNet                 -> diffusers UNet2DConditionModel
     control_model.*           ControlNet (cldm.py) -> diffusers ControlNetModel (= tinylllite's ControlNet)
@@ -18,7 +18,8 @@ equal the keymap checked against diffusers' own converters (tests/test_ldm_forma
 Three places change a tensor, not only its name: the VAE's middle attention is a 1x1 conv in LDM and
 a Linear in diffusers (same numbers, (C, C, 1, 1) <-> (C, C)); OpenCLIP stores q, k, v as one
 `in_proj_weight` (3D, D) that transformers splits in three; OpenCLIP's `text_projection` is applied as
-`x @ P`, a Linear stores P transposed. Left out: SD2's `logit_scale`, unused by diffusion and dropped.
+`x @ P`, a Linear stores P transposed. Left out: OpenCLIP's `logit_scale` (unused by diffusion) and,
+for SD2, its `text_projection` (SD2 reads hidden states, not the pooled projection).
 """
 
 import inspect
@@ -181,7 +182,7 @@ OPENCLIP_TOP = {
     "final_layer_norm.weight": "ln_final.weight",
     "final_layer_norm.bias": "ln_final.bias",
 }
-OPENCLIP_UNUSED = ("logit_scale",)  # CLIP's contrastive temperature: diffusion never reads it
+OPENCLIP_UNUSED = ("logit_scale", "attn_mask")  # contrastive temperature, causal mask buffer: not weights
 
 
 def _text_body(with_projection: bool) -> str:

@@ -1,0 +1,141 @@
+"""The training loop of tutorial_train.py on tiny CPU models: accumulation, caching, precision, NaN guard, SDXL, LLLite."""
+import os
+import signal
+
+import pytest
+import torch
+from tiny_models import tiny_base
+
+import tutorial_train
+from tinylllite import nan_guard, training
+from tinylllite.fill50k import write_fill50k
+
+
+LR = 1e-5  # the real-SD default the tiny random base gets
+# Adam's first step is lr * g / (|g| + eps): where g is near eps, float rounding of the batch sum moves it visibly
+ADAM_NOISE = 0.05 * LR
+
+
+def tiny_fill50k(folder, n: int = 8):
+    """A Fill50K-layout set of n pairs at 64 px (8x8 latents)."""
+    if not (folder / "prompt.json").exists():
+        write_fill50k(folder, n=n, size=64, seed=0, workers=1)
+    return folder
+
+
+def train(data, out, *extra, family: str = "sd1"):
+    """Run tutorial_train.main on a tiny random base without image logs or evaluation; returns its summary."""
+    argv = ["--data", str(data), "--out", str(out), "--logger-freq", "0", "--eval-every", "0", "--log-every", "1",
+            "--checkpoint-every", "1000", *map(str, extra)]
+    return tutorial_train.main(argv, base=tiny_base(family))
+
+
+def weights(result) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in result["control"].state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return tiny_fill50k(tmp_path_factory.mktemp("data") / "fill50k_64")
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """One optimizer step at batch 4, no accumulation, no caching."""
+    return weights(train(data, tmp_path_factory.mktemp("ref"), "--max-steps", 1, "--batch-size", 4))
+
+
+def test_two_accumulated_half_batches_update_like_one_full_batch(data, tmp_path, reference, capsys):
+    """Batch 2 x accumulation 2 is one optimizer step on the same 4 samples as batch 4, and says so."""
+    result = train(data, tmp_path, "--max-steps", 1, "--batch-size", 2, "--gradient-accumulation", 2)
+    assert "effective batch 4 = 2 per process x 2 accumulation x 1 processes" in capsys.readouterr().out
+    assert result["step"] == 1
+    for key, value in weights(result).items():
+        torch.testing.assert_close(value, reference[key], rtol=1e-5, atol=ADAM_NOISE, msg=lambda m: f"{key}: {m}")
+
+
+def test_caching_latents_and_text_changes_speed_not_results(data, tmp_path, reference):
+    """With --cache the latents are drawn with the same noise, so the update is the same."""
+    result = train(data, tmp_path, "--max-steps", 1, "--batch-size", 4, "--cache")
+    for key, value in weights(result).items():
+        torch.testing.assert_close(value, reference[key], rtol=1e-5, atol=ADAM_NOISE, msg=lambda m: f"{key}: {m}")
+
+
+def test_a_training_step_moves_the_zero_convs_first(reference):
+    """After step 1 the zero convs moved away from zero (they alone get gradient at step 0, SPEC §2)."""
+    assert reference["controlnet_mid_block.weight"].abs().sum() > 0
+    assert all(reference[f"controlnet_down_blocks.{i}.weight"].abs().sum() > 0 for i in range(12))
+
+
+def test_bf16_autocast_keeps_the_trainable_weights_in_fp32(data, tmp_path, reference):
+    """--mixed-precision bf16 trains a step; the branch stays fp32 and lands near the fp32 update."""
+    result = train(data, tmp_path, "--max-steps", 1, "--batch-size", 4, "--mixed-precision", "bf16")
+    trained = weights(result)
+    assert all(v.dtype == torch.float32 for v in trained.values())
+    assert trained["controlnet_mid_block.weight"].abs().sum() > 0
+    torch.testing.assert_close(trained["controlnet_mid_block.weight"], reference["controlnet_mid_block.weight"],
+                               rtol=0, atol=2e-5)
+
+
+def test_fp16_loss_scaling_runs_on_cpu_and_is_checkpointed(data, tmp_path):
+    """--mixed-precision fp16 uses a GradScaler (CPU here) whose scale is saved for resuming."""
+    train(data, tmp_path, "--max-steps", 2, "--batch-size", 2, "--mixed-precision", "fp16")
+    state = torch.load(next((tmp_path / "checkpoints").iterdir()) / "training_state.pt", weights_only=True)
+    assert state["scaler"]["scale"] > 0 and state["step"] == 2
+
+
+def test_a_tiny_sdxl_shaped_base_trains_a_step(data, tmp_path):
+    """SDXL's two text encoders, pooled embedding and time ids reach both the UNet and the ControlNet."""
+    result = train(data, tmp_path, "--max-steps", 1, "--batch-size", 2, family="sdxl")
+    assert result["control"].add_embedding is not None
+    assert result["control"].controlnet_mid_block.weight.abs().sum() > 0
+
+
+def test_lllite_trains_its_modules_and_refuses_controlnet_only_switches(data, tmp_path):
+    """--control lllite trains the LLLite ups away from zero; --sd-locked false with it is an error."""
+    result = train(data, tmp_path, "--max-steps", 1, "--batch-size", 2, "--control", "lllite")
+    ups = [v for k, v in result["control"].kohya_state_dict().items() if k.endswith("up.0.weight")]
+    assert ups and all(u.abs().sum() > 0 for u in ups)
+    with pytest.raises(SystemExit, match="LLLite"):
+        train(data, tmp_path / "x", "--max-steps", 1, "--control", "lllite", "--sd-locked", "false")
+
+
+def test_nan_loss_stops_training_naming_the_loss_and_what_to_try(data, tmp_path, monkeypatch):
+    """A NaN loss raises NonFiniteError saying where (forward pass, step) and what to try."""
+    real = training.diffusion_loss
+    monkeypatch.setattr(training, "diffusion_loss", lambda *a, **k: real(*a, **k) * float("nan"))
+    with pytest.raises(nan_guard.NonFiniteError, match=r"loss is nan at optimizer step 0 .*learning-rate"):
+        train(data, tmp_path, "--max-steps", 1, "--batch-size", 2)
+
+
+def test_gradient_guard_names_the_module_with_the_bad_gradient():
+    """check_gradients names the first parameter whose gradient holds inf."""
+    good, bad = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
+    good.grad, bad.grad = torch.zeros(2), torch.tensor([0.0, float("inf"), 1.0])
+    with pytest.raises(nan_guard.NonFiniteError, match=r"inf in the gradient of controlnet\.mid \(3,\) at optimizer step 7"):
+        nan_guard.check_gradients([("controlnet.ok", good), ("controlnet.mid", bad)], 7)
+
+
+def test_min_snr_weights_clip_high_snr_timesteps_only():
+    """Min-SNR-5 leaves noisy timesteps at weight 1 and scales clean ones by 5 / SNR."""
+    scheduler = training.training_scheduler(tiny_base())
+    t = torch.tensor([999, 0])
+    snr = scheduler.alphas_cumprod[t] / (1 - scheduler.alphas_cumprod[t])
+    weights_ = training.min_snr_weights(scheduler, t, gamma=5.0)
+    torch.testing.assert_close(weights_, torch.stack([torch.tensor(1.0), 5.0 / snr[1]]))
+
+
+def test_ctrl_c_finishes_the_step_saves_and_exits(data, tmp_path, monkeypatch):
+    """SIGINT during step 2 ends the run after that step with a checkpoint at step 2."""
+    real, calls = training.diffusion_loss, []
+
+    def loss_then_interrupt(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*a, **k)
+
+    monkeypatch.setattr(training, "diffusion_loss", loss_then_interrupt)
+    result = train(data, tmp_path, "--max-steps", 50, "--batch-size", 2)
+    assert result["step"] == 2
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_0000002"]

@@ -51,7 +51,7 @@ def hint_tensor(hint, batch: int, device, dtype) -> torch.Tensor:
     if isinstance(hint, np.ndarray):
         if hint.dtype != np.uint8 or hint.shape[-1] != 3:
             raise ValueError(f"a hint array must be uint8 (H, W, 3) or (B, H, W, 3) RGB; got {hint.dtype} {hint.shape}")
-        hint = torch.from_numpy(hint.reshape(-1, *hint.shape[-3:])).permute(0, 3, 1, 2).float() / 255  # (B, 3, H, W)
+        hint = torch.from_numpy(hint.reshape(-1, *hint.shape[-3:]).copy()).permute(0, 3, 1, 2).float() / 255  # (B, H, W, 3) -> (B, 3, H, W)
     if hint.ndim != 4 or hint.shape[1] != 3:
         raise ValueError(f"a hint tensor must be (B, 3, H, W); got {tuple(hint.shape)}")
     if hint.min() < 0 or hint.max() > 1:

@@ -28,8 +28,8 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from tinylllite import ldm_format as lf
-from tinylllite.control_io import (control_metadata, hint_stage_channels, lllite_metadata, refuse_existing,
-                                  save_state_dict)
+from tinylllite.control_io import (FAMILY_NAMES, META, control_metadata, controlnet_config_from_shapes,
+                                  lllite_metadata, refuse_existing, save_state_dict)
 from tinylllite.hint import HintEncoder
 from tinylllite.lllite import LLLiteModule
 from tinylllite.lllite_unet import attach_lllite
@@ -59,7 +59,7 @@ def new_control_tensors(shapes: dict[str, tuple], dtype: torch.dtype, hint_chann
     first_channels = shapes[lf.UNET_PREFIX + "input_blocks.0.0.weight"][0]
     hint = HintEncoder(hint_channels, first_channels, vae_factor(shapes))
     hint_sd = {f"controlnet_cond_embedding.{k}": v for k, v in hint.state_dict().items()}
-    new = lf.to_ldm(hint_sd, lf.controlnet_names(hint_sd, {"layers_per_block": 2}), lf.CONTROL_PREFIX)
+    new = lf.to_ldm(hint_sd, lf.controlnet_names(hint_sd, unet_config=None), lf.CONTROL_PREFIX)
 
     n_skips = len({m[1] for k in shapes if (m := re.match(rf"{lf.UNET_PREFIX}input_blocks\.(\d+)\.", k))})
     zero_convs = [block_output_channels(shapes, i) for i in range(n_skips)]
@@ -84,14 +84,13 @@ def check_sd_checkpoint(shapes: dict[str, tuple], path) -> str:
         return "unknown"  # a toy or custom UNet: everything below still reads its shapes
 
 
-def full_metadata(shapes: dict[str, tuple], new: dict[str, torch.Tensor], family: str, source) -> dict[str, str]:
+def full_metadata(control: dict[str, torch.Tensor], family: str, source) -> dict[str, str]:
     """Metadata for a safetensors output; the ControlNet config only for the families shipped in configs/."""
+    extra = {META + "source": Path(source).name}
     if family == "unknown":
-        return {"tinylllite.architecture": "controlnet", "tinylllite.source": Path(source).name}
-    unet_config = dict(family_config(family)["unet"], in_channels=shapes[lf.UNET_PREFIX + "input_blocks.0.0.weight"][1])
-    stages = hint_stage_channels({k: tuple(v.shape) for k, v in new.items()})
-    config = lf.controlnet_config(unet_config, 3, stages)
-    return control_metadata(config, family, {"tinylllite.source": Path(source).name})
+        return {META + "architecture": "controlnet", **extra}
+    config = controlnet_config_from_shapes({k: tuple(v.shape) for k, v in control.items()}, {})
+    return control_metadata(config, family, extra)
 
 
 def add_control(in_path, out_path) -> dict:
@@ -106,7 +105,7 @@ def add_control(in_path, out_path) -> dict:
     copied = {lf.CONTROL_PREFIX + k.removeprefix(lf.UNET_PREFIX): kept[k].clone() for k in kept
               if k.startswith(lf.UNET_PREFIX) and k.removeprefix(lf.UNET_PREFIX).startswith(ENCODER_PARTS)}
     new = new_control_tensors(shapes, kept[lf.UNET_PREFIX + "input_blocks.0.0.weight"].dtype)
-    metadata = full_metadata(shapes, new, family, in_path) if Path(out_path).suffix == ".safetensors" else None
+    metadata = full_metadata({**copied, **new}, family, in_path) if Path(out_path).suffix == ".safetensors" else None
     save_state_dict({**kept, **copied, **new}, out_path, metadata)
     return dict(family=family, kept=len(kept), dropped_ema=len(sd) - len(kept), copied=len(copied), new=len(new))
 
@@ -129,9 +128,6 @@ def add_lllite(in_path, out_path, cond_emb_dim: int, mlp_dim: int) -> dict:
     return dict(family=family, modules=len(lllite), new=len(tensors), params=sum(t.numel() for t in tensors.values()))
 
 
-FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "unknown": "an SD-layout UNet of unknown family"}
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("input", help="SD checkpoint (.ckpt, .pth or .safetensors)")
@@ -148,7 +144,8 @@ def main(argv=None) -> int:
                   f"to {args.output}")
         else:
             s = add_control(args.input, args.output)
-            print(f"found {FAMILY_NAMES[s['family']]}; wrote {args.output}:\n"
+            family = FAMILY_NAMES.get(s["family"], "an SD-layout UNet of unknown family")
+            print(f"found {family}; wrote {args.output}:\n"
                   f"  kept   {s['kept']} input tensors (left out {s['dropped_ema']} EMA copies)\n"
                   f"  copied {s['copied']} encoder tensors to control_model.*\n"
                   f"  new    {s['new']} tensors (hint encoder, zero convs)")

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import tool_add_control as tool
-from test_sd_loading import sdxl_meta_ldm
+from test_sd_loading import pattern, sdxl_meta_ldm
 from test_tool_add_control import tiny_ldm_checkpoint
 from tiny_models import tiny_base, tiny_unet
 from tinylllite import ldm_format as lf
@@ -204,3 +204,18 @@ def test_control_for_another_family_is_refused_with_a_sentence(tmp_path):
     save_file(sd15_lllite, tmp_path / "lllite15.safetensors")
     with pytest.raises(ValueError, match="SD1.x or SD2.x but the base is SDXL"):
         load_any_control(tmp_path / "lllite15.safetensors", tiny_base("sdxl"))
+
+
+def test_sd15_diffusers_weights_without_config_convert_to_the_original_key_set(tmp_path):
+    """An SD1.5 `diffusion_pytorch_model.safetensors` alone (as training checkpoints save it) -> original
+    layout with exactly control_sd15_keys.json, and back to a diffusers folder with the same tensors."""
+    shapes = json.loads((FIXTURES / "diffusers_controlnet_sd15_keys.json").read_text())
+    tensors = {k: pattern(s, i) for i, (k, s) in enumerate(shapes.items())}
+    save_file(tensors, tmp_path / "diffusion_pytorch_model.safetensors")
+    convert(tmp_path / "diffusion_pytorch_model.safetensors", tmp_path / "control.safetensors", "original")
+    original = load_file(tmp_path / "control.safetensors")
+    assert {k: list(v.shape) for k, v in original.items()} == json.loads((FIXTURES / "control_sd15_keys.json").read_text())
+    convert(tmp_path / "control.safetensors", tmp_path / "folder", "diffusers")
+    assert same_tensors(load_file(tmp_path / "folder" / "diffusion_pytorch_model.safetensors"), tensors)
+    config = json.loads((tmp_path / "folder" / "config.json").read_text())
+    assert (config["_class_name"], config["cross_attention_dim"], config["attention_head_dim"]) == ("ControlNetModel", 768, 8)

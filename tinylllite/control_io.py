@@ -15,6 +15,7 @@ hint range and channels, and the ControlNet's config, so a file made from a toy 
 without guessing. Left out: metadata in pickles (.ckpt/.pth have no header for it; written plain).
 """
 
+import inspect
 import json
 import os
 import re
@@ -35,6 +36,7 @@ LLLITE_PREFIX = "lllite_unet_"
 CONTROLNET_HINT_RANGE = "0..1 RGB"  # SPEC §2: what ControlNet's hint encoder expects
 LLLITE_HINT_RANGE = "-1..1 RGB inside the module (tinylllite's set_conditioning takes 0..1 and maps it)"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+DIFFUSERS_WEIGHT_FILES = (DIFFUSERS_WEIGHTS, "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.bin")
 
 
 def save_state_dict(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> Path:
@@ -64,6 +66,14 @@ def file_metadata(sd) -> dict[str, str]:
     return dict(sd.metadata) if isinstance(sd, SafetensorsFile) else {}
 
 
+def diffusers_weights(folder: Path) -> Path:
+    """The weights file of a diffusers model folder (safetensors preferred, as diffusers does)."""
+    for name in DIFFUSERS_WEIGHT_FILES:
+        if (folder / name).exists():
+            return folder / name
+    raise ValueError(f"{folder}: no weights file; a diffusers ControlNet folder holds one of {DIFFUSERS_WEIGHT_FILES}")
+
+
 # --- ControlNet ----------------------------------------------------------------------------------------------
 
 def detect_layout(keys) -> str:
@@ -80,25 +90,34 @@ def detect_layout(keys) -> str:
                      f"or lllite_unet_* keys (first keys: {keys[:3]})")
 
 
-def hint_stage_channels(ldm_shapes: dict[str, tuple], prefix: str = lf.CONTROL_PREFIX) -> list[int]:
-    """(16, 32, 96, 256) read off the hint convs: conv_in and every stride-2 conv end a stage."""
-    convs = sorted(int(m[1]) for k in ldm_shapes if (m := re.fullmatch(rf"{re.escape(prefix)}input_hint_block\.(\d+)\.weight", k)))
-    outs = [ldm_shapes[f"{prefix}input_hint_block.{i}.weight"][0] for i in convs[:-1]]  # all but conv_out
-    return outs[::2]  # conv_in, then the second conv of each (same-size, stride-2) pair
+def _hint_convs(shapes: dict[str, tuple]) -> list[str]:
+    """Weight keys of the hint encoder's convs in order, in either naming (LDM `input_hint_block.<2k>`
+    or diffusers `controlnet_cond_embedding.conv_in / blocks.j / conv_out`)."""
+    ldm = {int(m[1]): k for k in shapes if (m := re.search(r"input_hint_block\.(\d+)\.weight$", k))}
+    if ldm:
+        return [ldm[i] for i in sorted(ldm)]
+    blocks = {int(m[1]): k for k in shapes if (m := re.search(r"controlnet_cond_embedding\.blocks\.(\d+)\.weight$", k))}
+    return ["controlnet_cond_embedding.conv_in.weight", *(blocks[j] for j in sorted(blocks)),
+            "controlnet_cond_embedding.conv_out.weight"]
 
 
-def controlnet_config_from_ldm(ldm_shapes: dict[str, tuple], metadata: dict[str, str]) -> dict:
-    """The ControlNetModel config of an original-layout control: from our metadata, else from its shapes."""
+def controlnet_config_from_shapes(shapes: dict[str, tuple], metadata: dict[str, str]) -> dict:
+    """The ControlNetModel config of a control file: from our metadata, else from its shapes + the shipped
+    config of the family its cross-attention width names (released SD1.x / SD2.x / SDXL ControlNets)."""
     if META + "controlnet_config" in metadata:
         return json.loads(metadata[META + "controlnet_config"])
     try:
-        family = lf.detect_family(ldm_shapes, lf.CONTROL_PREFIX)
+        family = lf.detect_family(shapes, prefix="")
     except ValueError as error:
         raise ValueError(f"no ControlNet config: the file carries no {META}controlnet_config metadata and {error}; "
                          f"convert a .safetensors this project wrote, or the diffusers folder") from error
-    unet_config = dict(family_config(family)["unet"], in_channels=ldm_shapes[lf.CONTROL_PREFIX + "input_blocks.0.0.weight"][1])
-    hint_in = ldm_shapes[lf.CONTROL_PREFIX + "input_hint_block.0.weight"][1]
-    return lf.controlnet_config(unet_config, hint_in, hint_stage_channels(ldm_shapes))
+    conv_in = next(k for k in shapes if k.endswith(("input_blocks.0.0.weight", "conv_in.weight"))
+                   and "cond_embedding" not in k)
+    convs = _hint_convs(shapes)
+    outs = [shapes[k][0] for k in convs[:-1]]  # every hint conv but conv_out
+    stages = outs[::2]  # conv_in, then the second (stride-2) conv of each pair: (16, 32, 96, 256)
+    unet_config = dict(family_config(family)["unet"], in_channels=shapes[conv_in][1])
+    return lf.controlnet_config(unet_config, shapes[convs[0]][1], stages)
 
 
 def _control_keys(config: dict) -> list[str]:
@@ -110,25 +129,24 @@ def read_control(path) -> tuple[dict[str, torch.Tensor], dict, dict[str, str]]:
     """Any ControlNet layout -> (diffusers-named tensors, ControlNetModel config, metadata)."""
     path = Path(path)
     if path.is_dir():
-        config_file, weights = path / "config.json", path / DIFFUSERS_WEIGHTS
-        if not config_file.exists() or not weights.exists():
-            raise ValueError(f"{path}: a diffusers ControlNet folder needs config.json and {DIFFUSERS_WEIGHTS}")
-        config = {k: v for k, v in json.loads(config_file.read_text()).items() if not k.startswith("_")}
-        sd = SafetensorsFile(weights)
+        config_file, weights = path / "config.json", diffusers_weights(path)
+        if not config_file.exists():
+            raise ValueError(f"{path}: a diffusers ControlNet folder needs config.json")
+        accepted = inspect.signature(ControlNetModel.__init__).parameters  # drops _class_name, _diffusers_version
+        config = {k: v for k, v in json.loads(config_file.read_text()).items() if k in accepted}
+        sd = open_state_dict(weights)
         return {k: sd[k] for k in sd}, config, file_metadata(sd)
     sd = open_state_dict(path)
     metadata = file_metadata(sd)
     layout = detect_layout(sd.keys())
     if layout == "kohya":
         raise ValueError(f"{path} is a ControlNet-LLLite file (lllite_unet_* keys), not a ControlNet")
-    if layout == "diffusers":  # a bare diffusion_pytorch_model.safetensors: the config must come from metadata
-        if META + "controlnet_config" not in metadata:
-            raise ValueError(f"{path}: diffusers-named ControlNet weights without config; pass the folder instead")
-        return {k: sd[k] for k in sd}, json.loads(metadata[META + "controlnet_config"]), metadata
-    if not any(k.startswith(lf.CONTROL_PREFIX) for k in sd):
-        sd = {lf.CONTROL_PREFIX + k: v for k, v in sd.items()}
-    shapes = {k: v for k, v in tensor_shapes(sd).items() if k.startswith(lf.CONTROL_PREFIX)}
-    config = controlnet_config_from_ldm(shapes, metadata)
+    if not any(k.startswith(lf.CONTROL_PREFIX) for k in sd) and layout != "diffusers":
+        sd = {lf.CONTROL_PREFIX + k: v for k, v in sd.items()}  # control-only files saved without the prefix
+    prefix = "" if layout == "diffusers" else lf.CONTROL_PREFIX
+    config = controlnet_config_from_shapes({k: v for k, v in tensor_shapes(sd).items() if k.startswith(prefix)}, metadata)
+    if layout == "diffusers":  # a bare diffusion_pytorch_model.safetensors, or a training checkpoint's file
+        return {k: sd[k] for k in sd}, config, metadata
     names = lf.controlnet_names(_control_keys(config), config)
     return lf.from_ldm(sd, names, lf.CONTROL_PREFIX), config, metadata
 
@@ -248,7 +266,7 @@ def load_any_control(path, base):
         tensors, metadata = read_lllite(path)
         _check_family(path, lllite_family(tensors, metadata), base)
         return attach_lllite_from_kohya(base.unet, tensors, vae_factor=base.vae_scale_factor)
-    sd = SafetensorsFile(path / DIFFUSERS_WEIGHTS) if path.is_dir() else open_state_dict(path)
+    sd = open_state_dict(diffusers_weights(path) if path.is_dir() else path)
     metadata = file_metadata(sd)
     if path.is_dir() or detect_layout(sd.keys()) == "diffusers":
         prefix, hint_key = "", "controlnet_cond_embedding.conv_in.weight"

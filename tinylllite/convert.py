@@ -26,7 +26,7 @@ import torch
 
 from tinylllite import ldm_format as lf
 from tinylllite.control_io import (
-    META, control_metadata, controlnet_config_from_ldm, detect_layout, file_metadata, lllite_family, lllite_metadata,
+    META, control_metadata, controlnet_config_from_shapes, detect_layout, file_metadata, lllite_family, lllite_metadata,
     read_control, read_lllite, refuse_existing, save_state_dict, write_control,
 )
 from tinylllite.sd_loading import open_state_dict, tensor_shapes
@@ -53,7 +53,7 @@ def _original_from_ldm(src: Path, out: Path, dtype) -> int:
     metadata = file_metadata(sd)
     shapes = tensor_shapes(control)
     try:  # full metadata where the family is known (or the file says it); else the facts read from the keys
-        config = controlnet_config_from_ldm(shapes, metadata)
+        config = controlnet_config_from_shapes(shapes, metadata)
         metadata |= control_metadata(config, lf.CROSS_WIDTH_TO_FAMILY.get(config["cross_attention_dim"], "tiny"))
     except ValueError:
         hint = shapes[lf.CONTROL_PREFIX + "input_hint_block.0.weight"]

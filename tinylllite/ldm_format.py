@@ -69,8 +69,9 @@ def unet_names(diffusers_keys, unet_config: dict) -> dict[str, str]:
     return {key: diffusers_to_ldm(key, unet_config) for key in diffusers_keys}
 
 
-def controlnet_names(diffusers_keys, unet_config: dict) -> dict[str, str]:
-    """The UNet encoder names plus the three ControlNet extras of SPEC §6.
+def controlnet_names(diffusers_keys, unet_config: dict | None) -> dict[str, str]:
+    """The UNet encoder names plus the three ControlNet extras of SPEC §6 (`unet_config=None` when
+    `diffusers_keys` hold only extras, e.g. a fresh hint encoder).
 
     LDM's `input_hint_block` is one Sequential of convs with a SiLU after each but the last, so conv k
     sits at index 2k: conv_in is conv 0, `blocks.j` conv j + 1, conv_out the last one.

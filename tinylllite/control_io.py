@@ -242,7 +242,7 @@ def _check_family(path, family: str | None, base) -> None:
     if family in (None, "tiny") or base.family == "tiny" or base.family in family.split("/"):
         return  # toy models have no family to compare: the shape checks that follow still apply
     raise ValueError(f"{path} was trained for {FAMILY_NAMES.get(family, family)} but the base is "
-                     f"{FAMILY_NAMES[base.family]}: load it onto a {FAMILY_NAMES.get(family, family)} base "
+                     f"{FAMILY_NAMES[base.family]}: load it onto an {FAMILY_NAMES.get(family, family)} base "
                      f"(ControlNets and LLLites only work on the base family they were trained on)")
 
 

@@ -11,8 +11,10 @@ configs shipped in `tinylllite/configs/`, the tokenizer from `tinylllite.tokeniz
 
 Memory stays near the file size: modules are built on the meta device (no random init, no memory),
 `.ckpt` files are memory-mapped (`torch.load(mmap=True, weights_only=True)`: pickles never run code),
-`.safetensors` tensors are read one at a time, and `load_state_dict(assign=True)` adopts each tensor
-instead of copying it into a second, freshly allocated model.
+`.safetensors` tensors come from `safe_open` (also memory-mapped), and `load_state_dict(assign=True)`
+adopts each tensor instead of copying it into a second, freshly allocated model. With `dtype=None` (or
+the file's own dtype) the weights are read from disk when first used; a different dtype converts them
+once, so the peak is then the converted model plus the file's pages.
 
 EMA (SPEC §4): `v1-5-pruned.ckpt` holds both the trained UNet and its EMA under `model_ema.` with the
 dots removed. The original tool keeps the non-EMA weights; so does `load_base` unless `ema=True`.

@@ -93,18 +93,22 @@ def full_metadata(control: dict[str, torch.Tensor], family: str, source) -> dict
     return control_metadata(config, family, extra)
 
 
-def add_control(in_path, out_path) -> dict:
-    """Write IN + a fresh `control_model.*` to OUT; returns the counts the summary prints."""
-    refuse_existing(out_path)
-    sd = open_state_dict(in_path)
+def with_control(sd) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """An SD state dict -> (kept: input without EMA, copied: encoder as control_model.*, new tensors)."""
     shapes = tensor_shapes(sd)
-    family = check_sd_checkpoint(shapes, in_path)
-
     kept = {k: sd[k] for k in sd if not k.startswith(lf.EMA_PREFIX)}
     # clone: a copy that shares storage with the UNet would be trained in place together with it
     copied = {lf.CONTROL_PREFIX + k.removeprefix(lf.UNET_PREFIX): kept[k].clone() for k in kept
               if k.startswith(lf.UNET_PREFIX) and k.removeprefix(lf.UNET_PREFIX).startswith(ENCODER_PARTS)}
-    new = new_control_tensors(shapes, kept[lf.UNET_PREFIX + "input_blocks.0.0.weight"].dtype)
+    return kept, copied, new_control_tensors(shapes, kept[lf.UNET_PREFIX + "input_blocks.0.0.weight"].dtype)
+
+
+def add_control(in_path, out_path) -> dict:
+    """Write IN + a fresh `control_model.*` to OUT; returns the counts the summary prints."""
+    refuse_existing(out_path)
+    sd = open_state_dict(in_path)
+    family = check_sd_checkpoint(tensor_shapes(sd), in_path)
+    kept, copied, new = with_control(sd)
     metadata = full_metadata({**copied, **new}, family, in_path) if Path(out_path).suffix == ".safetensors" else None
     save_state_dict({**kept, **copied, **new}, out_path, metadata)
     return dict(family=family, kept=len(kept), dropped_ema=len(sd) - len(kept), copied=len(copied), new=len(new))

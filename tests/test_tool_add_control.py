@@ -99,6 +99,17 @@ def test_summary_is_a_few_lines_not_one_per_key(tmp_path, capsys):
     assert len(lines) == 4 and "EMA" in lines[1] and "copied" in lines[2] and "new    42" in lines[3]
 
 
+def test_sd21_layout_gets_exactly_the_control_sd21_keys():
+    """An SD2.1 UNet (meta tensors) gets control_model.* names and shapes equal to control_sd21_ini's."""
+    shapes = json.loads((FIXTURES / "ldm_sd21_unet_keys.json").read_text())
+    sd = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+    sd |= {f"{lf.VAE_PREFIX}encoder.down.{i}.block.0.conv1.bias": torch.empty(1, device="meta") for i in range(4)}
+    assert tool.check_sd_checkpoint({k: tuple(v.shape) for k, v in sd.items()}, "sd21") == "sd2"
+    _, copied, new = tool.with_control(sd)
+    control = {k: list(v.shape) for k, v in {**copied, **new}.items()}
+    assert control == json.loads((FIXTURES / "control_sd21_keys.json").read_text())
+
+
 def shape_only_sd_file(path, cross_width: int, conv_in=(320, 4, 3, 3)) -> None:
     """The few tensors --lllite reads: conv_in, one cross-attention k, and the VAE's four levels."""
     tensors = {lf.UNET_PREFIX + "input_blocks.0.0.weight": torch.zeros(conv_in),
@@ -152,6 +163,15 @@ def peak_memory_of_loading(path) -> tuple[float, float]:
 def test_full_size_sd15_file_loads_and_gets_its_controlnet(tmp_path):
     """Full-size SD1.5 file: load_base exact, tool_add_control keys = control_sd15_keys.json, memory ~ file size."""
     src, out = tmp_path / "v1-5.safetensors", tmp_path / "models" / "control_sd15_ini.ckpt"
+    try:
+        check_full_size_sd15(src, out)
+    finally:  # 5 GB: pytest keeps the last three runs' tmp_path folders
+        src.unlink(missing_ok=True)
+        out.unlink(missing_ok=True)
+
+
+def check_full_size_sd15(src: Path, out: Path) -> None:
+    """The body of the full-size test: write, load, add the ControlNet, measure the reload."""
     shapes = write_full_size_sd15(src)
     index = {key: i for i, key in enumerate(shapes)}
 

@@ -1,6 +1,8 @@
 """python -m tinylllite.convert and load_any_control: exact round trips between every layout, bad inputs."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -199,6 +201,11 @@ def test_control_for_another_family_is_refused_with_a_sentence(tmp_path):
         load_any_control(path, sd2_base)
     with pytest.raises(ValueError, match="does not fit this base"):
         load_any_control(tmp_path / "control.safetensors", tiny_base("sdxl"))
+    released_sd15 = {"control_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(320, 768),
+                     "control_model.input_hint_block.0.weight": torch.zeros(16, 3, 3, 3)}  # no metadata: width says SD1
+    save_file(released_sd15, tmp_path / "control_sd15_canny.safetensors")
+    with pytest.raises(ValueError, match="trained for SD1.x but the base is SD2.x"):
+        load_any_control(tmp_path / "control_sd15_canny.safetensors", sd2_base)
     sd15_lllite = {k: torch.zeros(v) for k, v in {"lllite_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q."
                                                  "conditioning1.0.weight": (4, 3, 4, 4)}.items()}
     save_file(sd15_lllite, tmp_path / "lllite15.safetensors")
@@ -219,3 +226,12 @@ def test_sd15_diffusers_weights_without_config_convert_to_the_original_key_set(t
     assert same_tensors(load_file(tmp_path / "folder" / "diffusion_pytorch_model.safetensors"), tensors)
     config = json.loads((tmp_path / "folder" / "config.json").read_text())
     assert (config["_class_name"], config["cross_attention_dim"], config["attention_head_dim"]) == ("ControlNetModel", 768, 8)
+
+
+def test_module_runs_from_the_command_line(tmp_path):
+    """`python -m tinylllite.convert IN OUT --to diffusers` works as a command and prints one line."""
+    save_controlnet(trained_controlnet(), tiny_unet(), tmp_path / "control.safetensors")
+    done = subprocess.run([sys.executable, "-m", "tinylllite.convert", str(tmp_path / "control.safetensors"),
+                           str(tmp_path / "folder"), "--to", "diffusers"], capture_output=True, text=True,
+                          cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0 and done.stdout.count("\n") == 1 and (tmp_path / "folder" / "config.json").exists()

@@ -6,7 +6,9 @@ A trained ControlNet travels in one of four layouts, all read here (`read_contro
     "original"   control_model.* only: lllyasviel's ControlNet 1.1 .pth files, A1111's .safetensors,
                  this project's own files (with metadata). Files without the prefix are accepted too.
     "full"       control_model.* plus the whole SD (control_sd15_ini.ckpt, lllyasviel's 1.0 files)
-    "diffusers"  a folder with config.json + diffusion_pytorch_model.safetensors (ControlNetModel)
+    "diffusers"  a folder with config.json + diffusion_pytorch_model.safetensors (ControlNetModel), or
+                 that weights file alone (training checkpoints save it so; the config then comes
+                 from our metadata or from the family the cross-attention width names)
     "kohya"      ControlNet-LLLite: lllite_unet_* keys only (kohya's bf16 files with SAI model-spec
                  metadata, or fp16 copies without); read by `read_lllite`
 
@@ -58,6 +60,7 @@ def save_state_dict(tensors: dict[str, torch.Tensor], path, metadata: dict[str, 
 
 
 def refuse_existing(path) -> None:
+    """Outputs are never overwritten: a half-finished run must not destroy an earlier result."""
     if Path(path).exists():
         raise FileExistsError(f"{path} exists; refusing to overwrite it (delete it or choose another name)")
 
@@ -77,6 +80,7 @@ def diffusers_weights(folder: Path) -> Path:
 # --- ControlNet ----------------------------------------------------------------------------------------------
 
 def detect_layout(keys) -> str:
+    """"kohya", "diffusers", "full" or "original", from the key names alone."""
     keys = list(keys)
     if any(k.startswith(LLLITE_PREFIX) for k in keys):
         return "kohya"

@@ -9,8 +9,8 @@ per family and that training and sampling must get right:
   pooled embedding plus six size/crop numbers as `added_cond_kwargs`);
 - how latents are scaled (`vae.config.scaling_factor`, 0.18215 for SD1/SD2, 0.13025 for SDXL).
 
-Left out: v-prediction bases are carried (`prediction_type`) but the training loss is written for
-both ε and v only where the training code reads it.
+Left out: SDXL's refiner (one text encoder, aesthetic-score time ids) and per-sample crop/size time
+ids (every sample is taken as uncropped at its own size).
 """
 
 from dataclasses import dataclass, field
@@ -20,6 +20,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 FAMILIES = ("sd1", "sd2", "sdxl", "tiny")
+OPENCLIP_LAYERS = 24  # SD2's text encoder, OpenCLIP ViT-H/14
 
 
 @dataclass
@@ -77,8 +78,11 @@ class StableDiffusionBase:
         if self.family in ("sd1", "tiny"):
             return out.last_hidden_state, None  # (B, 77, 768)
         if self.family == "sd2":
-            # penultimate layer, passed through the final layer norm as SD2's FrozenOpenCLIPEmbedder does
-            return self.text_encoder.final_layer_norm(out.hidden_states[-2]), None  # (B, 77, 1024)
+            # OpenCLIP-H's 23rd of 24 layers, then the final layer norm (SD2's FrozenOpenCLIPEmbedder).
+            # Original files hold all 24 layers, diffusers folders only the 23 that are used: index by
+            # position (hidden_states[0] is the embedding output), not from the end.
+            penultimate = out.hidden_states[OPENCLIP_LAYERS - 1]
+            return self.text_encoder.final_layer_norm(penultimate), None  # (B, 77, 1024)
         out_2 = self.text_encoder_2(self._tokens(self.tokenizer_2, prompts), output_hidden_states=True)
         hidden = torch.cat([out.hidden_states[-2], out_2.hidden_states[-2]], dim=-1)  # (B, 77, 768 + 1280)
         return hidden, out_2.text_embeds  # pooled bigG: (B, 1280)

@@ -86,6 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("validation-prompt", action="append", default=[])
     add("validation-image", action="append", default=[])
     add("seed", type=int, default=0)
+    add("threads", type=int, help="CPU threads for torch (default: torch's choice; 1 on a busy shared machine)")
     return p.parse_args(argv)
 
 
@@ -154,6 +155,8 @@ def main(argv=None, base=None):
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)  # the fresh branch's initial weights
     if base is None:
         from tinylllite.sample import load_base_or_tiny

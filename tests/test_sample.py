@@ -136,3 +136,21 @@ def test_the_command_writes_pngs(base, tmp_path, monkeypatch, hint):
     sample_module.main(["--control", str(control_file), "--hint", str(tmp_path / "hint.png"), "--prompt",
                         "{red|blue} circle", "--steps", "1", "--out", str(tmp_path / "out.png")])
     assert [Image.open(tmp_path / f"out_{i}.png").text["prompt"] for i in range(2)] == ["red circle", "blue circle"]
+
+
+def test_the_image_log_writes_the_original_panels_and_metrics_plot(base, tmp_path, trained_like_controlnet):
+    """control, reconstruction, conditioning, samples_cfg_scale_9.00 per log step; metrics.jsonl + metrics.png."""
+    from tinylllite.fill50k import make_pair
+    from tinylllite.image_log import MetricsLog, log_training_panels
+
+    pairs = [make_pair(0, i, size=SIZE) for i in range(2)]
+    items = [dict(jpg=p.target / 127.5 - 1, txt=p.prompt, hint=p.source / 255.0) for p in pairs]
+    paths = log_training_panels(base, trained_like_controlnet, items, 300, tmp_path, steps=2)
+    assert [p.name for p in paths] == ["control_gs-000300.png", "reconstruction_gs-000300.png",
+                                       "conditioning_gs-000300.png", "samples_cfg_scale_9.00_gs-000300.png"]
+    assert Image.open(paths[-1]).size == (2 * SIZE + 2, SIZE)
+    metrics = MetricsLog(tmp_path)
+    for step in (1, 2, 3):
+        metrics.write(step=step, loss=1.0 / step, lr=1e-5)
+    assert metrics.plot().is_file()
+    assert [e["step"] for e in MetricsLog(tmp_path, append=True, keep_until=2).events()] == [1, 2]

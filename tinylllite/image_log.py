@@ -16,7 +16,7 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from tinylllite.sample import sample
 
@@ -41,14 +41,15 @@ def row(images) -> np.ndarray:
 def text_panel(prompt: str, size: int) -> np.ndarray:
     """The prompt drawn on white, wrapped to the image width (the original's `conditioning` panel)."""
     canvas = Image.new("RGB", (size, size), "white")
-    draw, line, lines = ImageDraw.Draw(canvas), "", []
-    chars_per_line = max(size // 7, 4)
+    font_px = max(size // 8, 7)  # the original draws ~40 chars per 512 px line
+    draw, font, line, lines = ImageDraw.Draw(canvas), ImageFont.load_default(size=font_px), "", []
+    chars_per_line = max(int(size / (0.55 * font_px)), 4)
     for word in prompt.split():
         if line and len(line) + 1 + len(word) > chars_per_line:
             lines.append(line)
             line = ""
         line = f"{line} {word}".strip()
-    draw.multiline_text((2, 2), "\n".join(lines + [line]), fill="black")
+    draw.multiline_text((2, 2), "\n".join(lines + [line]), fill="black", font=font, spacing=1)
     return np.asarray(canvas)
 
 
@@ -122,7 +123,9 @@ def evaluate_fidelity(base, control, pairs, steps: int = 20, cfg: float = 9.0, s
 
 
 class MetricsLog:
-    """OUT/metrics.jsonl, one JSON object per log event, and OUT/metrics.png plotting every numeric field by step."""
+    """OUT/metrics.jsonl, one JSON object per log event, and OUT/metrics.png plotting its curves by step."""
+
+    NOT_PLOTTED = ("lr", "minutes")  # constant / bookkeeping fields
 
     def __init__(self, out_dir, append: bool = False, keep_until: int = 0):
         """append: continue a resumed run's file, dropping events after `keep_until` (logged after its checkpoint)."""
@@ -142,7 +145,8 @@ class MetricsLog:
 
     def plot(self) -> Path:
         events = self.events()
-        fields = sorted({k for e in events for k, v in e.items() if k != "step" and isinstance(v, (int, float))})
+        fields = sorted({k for e in events for k, v in e.items()
+                         if k not in ("step", *self.NOT_PLOTTED) and isinstance(v, (int, float))})
         figure, axes = plt.subplots(len(fields), 1, figsize=(6, 2.2 * max(len(fields), 1)), squeeze=False)
         for axis, name in zip(axes[:, 0], fields):
             points = [(e["step"], e[name]) for e in events if name in e]

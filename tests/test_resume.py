@@ -17,6 +17,15 @@ TRAIN_IN_SUBPROCESS = ("import sys; sys.path[:0] = ['tests', '.']; from tiny_mod
                        "import tutorial_train; tutorial_train.main(sys.argv[1:], base=tiny_base())")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and the test suite shares the machine's cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def losses(run: Path) -> dict[int, float]:
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return {e["step"]: e["loss"] for e in events if "loss" in e}
@@ -28,7 +37,7 @@ def test_a_run_stopped_at_step_2_and_resumed_gives_the_uninterrupted_losses(tmp_
     common = ["--batch-size", 2, "--checkpoint-every", 1000]
     train(data, tmp_path / "whole", "--max-steps", 4, *common)
     argv = ["--data", data, "--out", tmp_path / "parts", "--logger-freq", 0, "--eval-every", 0, "--log-every", 1,
-            "--max-steps", 2, *common]
+            "--max-steps", 2, "--threads", 1, *common]
     subprocess.run([sys.executable, "-c", TRAIN_IN_SUBPROCESS, *map(str, argv)], cwd=REPO, check=True,
                    capture_output=True)
     assert [p.name for p in (tmp_path / "parts" / "checkpoints").iterdir()] == ["step_0000002"]

@@ -15,6 +15,15 @@ PROMPT = "red circle with blue background"
 SIZE = 64  # 8x8 latents for the tiny VAE (factor 8)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and the test suite shares the machine's cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def base():
     return tiny_base()
@@ -40,9 +49,9 @@ def trained_like_controlnet(base):
 
 def test_strength_zero_gives_the_base_output(base, hint, trained_like_controlnet):
     """strength=0 samples exactly what the base alone samples; strength 1 differs."""
-    plain = sample(base, [PROMPT], steps=3, height=SIZE, width=SIZE)
-    off = sample(base, [PROMPT], trained_like_controlnet, hint, steps=3, strength=0.0)
-    on = sample(base, [PROMPT], trained_like_controlnet, hint, steps=3, strength=1.0)
+    plain = sample(base, [PROMPT], steps=2, height=SIZE, width=SIZE)
+    off = sample(base, [PROMPT], trained_like_controlnet, hint, steps=2, strength=0.0)
+    on = sample(base, [PROMPT], trained_like_controlnet, hint, steps=2, strength=1.0)
     assert np.array_equal(off, plain)
     assert not np.array_equal(on, plain)
 
@@ -62,8 +71,8 @@ def test_the_control_window_runs_the_branch_only_inside_it(base, hint, trained_l
 
 def test_an_empty_window_gives_the_base_output(base, hint, trained_like_controlnet):
     """control_end=0 applies control at no step, so the image is the base's."""
-    plain = sample(base, [PROMPT], steps=3, height=SIZE, width=SIZE)
-    assert np.array_equal(sample(base, [PROMPT], trained_like_controlnet, hint, steps=3, control_end=0.0), plain)
+    plain = sample(base, [PROMPT], steps=2, height=SIZE, width=SIZE)
+    assert np.array_equal(sample(base, [PROMPT], trained_like_controlnet, hint, steps=2, control_end=0.0), plain)
 
 
 def test_guess_mode_ramps_the_residuals_and_skips_the_unconditional_half(base, hint, trained_like_controlnet,
@@ -98,10 +107,10 @@ def test_lllite_multiplier_zero_gives_the_base_output_and_is_restored(hint):
 def test_unipc_and_ddim_both_make_images_of_the_hint_size(base, hint, trained_like_controlnet):
     """Both samplers return uint8 (B, H, W, 3) at the hint's size; image i depends on seed + i only."""
     for sampler in ("ddim", "unipc"):
-        pair = sample(base, [PROMPT, "x"], trained_like_controlnet, hint, steps=2, sampler=sampler, seed=5)
-        single = sample(base, ["x"], trained_like_controlnet, hint, steps=2, sampler=sampler, seed=6)
+        pair = sample(base, [PROMPT, "x"], trained_like_controlnet, hint, steps=2, cfg=1.0, sampler=sampler, seed=5)
+        single = sample(base, ["x"], trained_like_controlnet, hint, steps=2, cfg=1.0, sampler=sampler, seed=6)
         assert pair.shape == (2, SIZE, SIZE, 3) and pair.dtype == np.uint8
-        assert np.array_equal(pair[1], single[0])
+        assert np.abs(pair[1].astype(int) - single[0]).max() <= 2  # batch size changes only float rounding
 
 
 def test_a_hint_outside_zero_one_is_refused(base, trained_like_controlnet):

@@ -41,7 +41,8 @@ only_mid_control = False
 
 LLLITE = dict(learning_rate=2e-4, cond_emb_dim=32, mlp_dim=64)  # kohya's recipe (SPEC §5)
 # The tiny SD learns position in minutes at a far higher rate (issue 6: lr 2e-4 idled for minutes, 1e-3 did not).
-TINY = dict(batch_size=16, logger_freq=200, max_minutes=10.0, eval_every=100, eval_steps=20,
+# One thread: tiny layers are too small to split, and two OpenMP threads on a busy 2-core machine ran 80x slower.
+TINY = dict(batch_size=16, logger_freq=200, max_minutes=10.0, eval_every=100, eval_steps=20, threads=1,
             controlnet=dict(learning_rate=1e-3), lllite=dict(learning_rate=2e-3, blocks="input,middle,output"))
 
 
@@ -100,7 +101,7 @@ def resolve_defaults(args, tiny: bool) -> str:
         lr, name = chosen["learning_rate"], f"tiny-SD defaults ({args.control})"
     else:
         chosen = dict(batch_size=batch_size, logger_freq=logger_freq, max_minutes=None, eval_every=logger_freq,
-                      eval_steps=50, blocks=None)
+                      eval_steps=50, threads=None, blocks=None)
         lr, name = LLLITE["learning_rate"] if lllite else learning_rate, f"real-SD defaults ({args.control})"
     for key, value in dict(chosen, learning_rate=lr, resume_path=resume_path, sd_locked=sd_locked,
                            only_mid_control=only_mid_control).items():
@@ -155,17 +156,17 @@ def main(argv=None, base=None):
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)  # the fresh branch's initial weights
     if base is None:
         from tinylllite.sample import load_base_or_tiny
 
         base = load_base_or_tiny(args.base)
     tiny = base.family == "tiny"
     defaults = resolve_defaults(args, tiny)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     base.to(device)
     dataset, data_dir = load_dataset(args, base, tiny, rank)
+    torch.manual_seed(args.seed)  # the fresh branch's initial weights
     control = build_control(args, base).to(device)
     if args.resume_path:
         load_initial_weights(args.resume_path, base, control)

@@ -162,3 +162,15 @@ def test_ctrl_c_finishes_the_step_saves_and_exits(data, tmp_path, monkeypatch):
     result = train(data, tmp_path, "--max-steps", 50, "--batch-size", 2)
     assert result["step"] == 2
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_0000002"]
+
+
+def test_gradient_checkpointing_recomputes_blocks_and_gives_the_same_update(data, tmp_path, reference, monkeypatch):
+    """--gradient-checkpointing runs blocks under torch.utils.checkpoint and changes memory, not the result."""
+    import torch.utils.checkpoint
+
+    calls, real = [], torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    result = train(data, tmp_path, "--max-steps", 1, "--batch-size", 4, "--gradient-checkpointing")
+    assert len(calls) > 0
+    for key, value in weights(result).items():
+        torch.testing.assert_close(value, reference[key], rtol=1e-5, atol=ADAM_NOISE, msg=lambda m: f"{key}: {m}")

@@ -216,7 +216,7 @@ def main(argv=None, base=None):
 
     def evaluate(at_step: int) -> None:  # fidelity on held-out pairs with the same `sample` as deployment
         started = time.time()
-        with torch.no_grad():
+        with torch.no_grad(), training.autocast(device, args.mixed_precision):  # half-precision frozen weights
             scores = image_log.evaluate_fidelity(base, control, heldout, steps=args.eval_steps, cfg=args.eval_cfg)
         control.train()
         evaluate.seconds = time.time() - started
@@ -227,18 +227,19 @@ def main(argv=None, base=None):
     evaluate.seconds = 0.0
 
     def log_images(at_step: int) -> None:
-        items = [dataset[i] for i in range(min(4, len(dataset)))]
-        image_log.log_training_panels(base, control, items, at_step, out, cfg=9.0, seed=args.seed)
-        if heldout:
-            grid = heldout[:8]
-            image_log.log_pairs_grid(base, control, [p.prompt for p in grid], [p.source for p in grid],
-                                     out / "image_log" / f"heldout_gs-{at_step:06d}.png", steps=args.eval_steps,
-                                     cfg=args.eval_cfg, targets=[p.target for p in grid])
-        for i, (prompt, image) in enumerate(zip(args.validation_prompt, args.validation_image)):
-            hint = np.asarray(Image.open(image).convert("RGB"))
-            image_log.log_pairs_grid(base, control, [prompt], hint[None], out / "image_log" /
-                                     f"validation{i}_gs-{at_step:06d}.png", steps=50, cfg=9.0)
-        control.train()
+        with training.autocast(device, args.mixed_precision):  # half-precision frozen weights on GPU
+            items = [dataset[i] for i in range(min(4, len(dataset)))]
+            image_log.log_training_panels(base, control, items, at_step, out, cfg=9.0, seed=args.seed)
+            if heldout:
+                grid = heldout[:8]
+                image_log.log_pairs_grid(base, control, [p.prompt for p in grid], [p.source for p in grid],
+                                         out / "image_log" / f"heldout_gs-{at_step:06d}.png", steps=args.eval_steps,
+                                         cfg=args.eval_cfg, targets=[p.target for p in grid])
+            for i, (prompt, image) in enumerate(zip(args.validation_prompt, args.validation_image)):
+                hint = np.asarray(Image.open(image).convert("RGB"))
+                image_log.log_pairs_grid(base, control, [prompt], hint[None], out / "image_log" /
+                                         f"validation{i}_gs-{at_step:06d}.png", steps=50, cfg=9.0)
+            control.train()
 
     def save() -> None:
         if rank == 0:

@@ -174,3 +174,18 @@ def test_gradient_checkpointing_recomputes_blocks_and_gives_the_same_update(data
     assert len(calls) > 0
     for key, value in weights(result).items():
         torch.testing.assert_close(value, reference[key], rtol=1e-5, atol=ADAM_NOISE, msg=lambda m: f"{key}: {m}")
+
+
+def test_the_data_order_visits_each_of_the_first_n_items_once_per_epoch():
+    """dataset_index: a fresh permutation of the first n items (--max-train-samples) every epoch, fixed by the seed."""
+    first, second = ([training.dataset_index(0, k, 5) for k in range(e * 5, e * 5 + 5)] for e in (0, 1))
+    assert sorted(first) == sorted(second) == [0, 1, 2, 3, 4]
+    assert first != second
+    assert [training.dataset_index(0, k, 5) for k in range(5)] == first
+
+
+def test_8bit_adam_without_bitsandbytes_says_what_to_install(monkeypatch):
+    """--use-8bit-adam on a machine without bitsandbytes stops with the pip command."""
+    monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)  # import fails
+    with pytest.raises(SystemExit, match="pip install bitsandbytes"):
+        training.make_optimizer([torch.nn.Parameter(torch.zeros(1))], lr=1e-3, use_8bit=True)

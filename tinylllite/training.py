@@ -66,13 +66,14 @@ class BatchEncoder:
         self.text_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     @torch.no_grad()
-    def _moments(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _moments(self, indices: list[int], items: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """VAE posterior mean and std (B, 4, h, w) of the items' target images."""
         todo = [i for i in indices if not (self.cache and i in self.latent_cache)]
         if todo:
-            vae = self.base.vae
-            images = torch.stack([torch.as_tensor(self.dataset[i]["jpg"]) for i in todo])  # (B, H, W, 3) in [-1, 1]
-            dist = vae.encode(images.permute(0, 3, 1, 2).to(vae.device, vae.dtype)).latent_dist  # (B, 3, H, W) in
+            vae, item_of = self.base.vae, dict(zip(indices, items))
+            images = torch.stack([torch.as_tensor(item_of[i]["jpg"]) for i in todo])  # (B, H, W, 3) in [-1, 1]
+            images = images.permute(0, 3, 1, 2).to(vae.device, vae.dtype)  # (B, H, W, 3) -> (B, 3, H, W)
+            dist = vae.encode(images).latent_dist  # a Gaussian over (B, 4, H/f, W/f) latents
             fresh = {i: (m, s) for i, m, s in zip(todo, dist.mean, dist.std)}
             if not self.cache:
                 return torch.stack([fresh[i][0] for i in indices]), torch.stack([fresh[i][1] for i in indices])
@@ -96,7 +97,7 @@ class BatchEncoder:
         """The training batch made of these samples of the run, with their noise and timesteps."""
         indices = [dataset_index(self.seed, k, self.n) for k in sample_numbers]
         items = [self.dataset[i] for i in indices]
-        mean, std = self._moments(indices)
+        mean, std = self._moments(indices, items)
         draws = []
         for k in sample_numbers:
             g = sample_generator(self.seed, k)

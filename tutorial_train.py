@@ -281,17 +281,13 @@ def main(argv=None, base=None):
             loss = loss / args.gradient_accumulation  # the optimizer step sees the mean over the effective batch
             (scaler.scale(loss) if scaler else loss).backward()
             step_loss += loss.detach()
-        # leave room for the final evaluation; decided together with Ctrl-C so that every process stops at once
-        elapsed = time.time() - PROCESS_START + evaluate.seconds
-        time_up = bool(args.max_minutes) and elapsed > 60 * args.max_minutes
-        flags = torch.stack([step_loss, torch.tensor(float(stop["requested"] or time_up), device=device)])
-        if world > 1:  # average gradients (and the logged loss) over processes; any stop request stops all
+        if world > 1:  # average gradients (and the logged loss) over processes
             for p in params:
                 p.grad = torch.zeros_like(p) if p.grad is None else p.grad
                 dist.all_reduce(p.grad)
                 p.grad /= world
-            dist.all_reduce(flags)
-            flags[0] /= world
+            dist.all_reduce(step_loss)
+            step_loss /= world
         if scaler:
             scaler.unscale_(optimizer)
         else:
@@ -305,7 +301,7 @@ def main(argv=None, base=None):
         else:
             optimizer.step()
         step += 1
-        last_loss = flags[0].item()
+        last_loss = step_loss.item()
         window.append(last_loss)
         progress.update()
         minutes = (time.time() - PROCESS_START) / 60
@@ -320,7 +316,13 @@ def main(argv=None, base=None):
             evaluate(step)
         if step % args.checkpoint_every == 0:
             save()
-        if flags[1] > 0:
+        # after this step's logs: stop on Ctrl-C or when the final evaluation would end past --max-minutes
+        elapsed = time.time() - PROCESS_START + evaluate.seconds
+        stop_now = torch.tensor(float(stop["requested"] or bool(args.max_minutes) and elapsed > 60 * args.max_minutes),
+                                device=device)
+        if world > 1:  # any process asking to stop stops them all at the same step
+            dist.all_reduce(stop_now)
+        if stop_now > 0:
             break
     progress.close()
     signal.signal(signal.SIGINT, previous_handler)

@@ -166,6 +166,7 @@ def train_decoder(args, log_path: Path) -> None:
     trains (run this stage beside `unet`): sharper discs and truer colours at no cost to the UNet.
     """
     vae = AutoencoderKL.from_pretrained(args.out / "vae", torch_dtype=torch.float32)
+    torch.manual_seed(args.seed)  # latent_dist.sample() draws from torch's global generator
     vae.requires_grad_(False)
     trainable = [*vae.post_quant_conv.parameters(), *vae.decoder.parameters()]
     for p in trainable:
@@ -366,26 +367,27 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="where the diffusers folders go")
     parser.add_argument("--log", type=Path, default=Path("runs/pretrain_tiny_sd.log"))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per process; more than 1 is far slower on a busy machine")
     parser.add_argument("--eval-pairs", type=int, default=128, help="held-out pairs per evaluation")
     parser.add_argument("--eval-every", type=int, default=250, help="optimizer steps between evaluations")
     parser.add_argument("--vae-steps", type=int, default=3000)
     parser.add_argument("--vae-batch", type=int, default=16)
     parser.add_argument("--vae-lr", type=float, default=2e-3)
-    parser.add_argument("--decoder-steps", type=int, default=3000)
+    parser.add_argument("--decoder-steps", type=int, default=8000)
     parser.add_argument("--decoder-lr", type=float, default=5e-4)
     parser.add_argument("--text-steps", type=int, default=1000)
     parser.add_argument("--text-batch", type=int, default=128)
     parser.add_argument("--text-lr", type=float, default=3e-3)
-    parser.add_argument("--unet-steps", type=int, default=12000)
-    parser.add_argument("--unet-batch", type=int, default=128)
+    parser.add_argument("--unet-steps", type=int, default=4000)
+    parser.add_argument("--unet-batch", type=int, default=64)
     parser.add_argument("--unet-lr", type=float, default=1e-3)
-    parser.add_argument("--pool-size", type=int, default=30000, help="rendered targets encoded once for the UNet")
+    parser.add_argument("--pool-size", type=int, default=16000, help="rendered targets encoded once for the UNet")
     parser.add_argument("--continue-unet", action="store_true", help="start from --out/unet instead of scratch")
     parser.add_argument("--prompt-dropout", type=float, default=0.1)
     parser.add_argument("--min-snr-gamma", type=float, default=5.0)
     parser.add_argument("--ema-decay", type=float, default=0.999)
-    parser.add_argument("--save-every", type=int, default=1000, help="UNet steps between saves of the EMA weights")
+    parser.add_argument("--save-every", type=int, default=500, help="steps between saves (unet: of the EMA weights)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)

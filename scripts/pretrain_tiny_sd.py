@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel
 
 from tinylllite.fidelity import distinguishable, fill50k_fidelity
@@ -289,8 +289,6 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma
 
 
 def train_unet(args, log_path: Path) -> None:
-    from diffusers import DDPMScheduler
-
     _, unet, _ = build_tiny_parts(args.seed)
     stage = "unet"
     if args.continue_unet:  # a second round from the saved (EMA) weights, with fresh batches and noise

@@ -58,8 +58,9 @@ class StableDiffusionBase:
         return named
 
     def to(self, device=None, dtype=None) -> "StableDiffusionBase":
+        moves = {k: v for k, v in dict(device=device, dtype=dtype).items() if v is not None}
         for module in self.parts().values():
-            module.to(device=device, dtype=dtype)
+            module.to(**moves)  # a dtype=None argument would make diffusers warn about casting
         return self
 
     @property

@@ -88,8 +88,10 @@ def load_tiny_sd(dtype: torch.dtype = torch.float32, weights_dir: Path | str = W
         if not (weights_dir / part / "config.json").is_file():
             raise FileNotFoundError(f"tiny SD part {part!r} missing: expected {weights_dir / part}/config.json and "
                                     "weights; run `python scripts/pretrain_tiny_sd.py` to train them")
-    vae = AutoencoderKL.from_pretrained(weights_dir / "vae", torch_dtype=dtype, local_files_only=True)
-    unet = UNet2DConditionModel.from_pretrained(weights_dir / "unet", torch_dtype=dtype, local_files_only=True)
+    vae = AutoencoderKL.from_pretrained(weights_dir / "vae", torch_dtype=dtype, local_files_only=True,
+                                        low_cpu_mem_usage=False)  # no `accelerate` needed for 12 MB
+    unet = UNet2DConditionModel.from_pretrained(weights_dir / "unet", torch_dtype=dtype, local_files_only=True,
+                                                low_cpu_mem_usage=False)
     text_encoder = CLIPTextModel.from_pretrained(weights_dir / "text_encoder", torch_dtype=dtype,
                                                  local_files_only=True)
     return StableDiffusionBase(family="tiny", unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(),

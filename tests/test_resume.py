@@ -17,14 +17,6 @@ TRAIN_IN_SUBPROCESS = ("import sys; sys.path[:0] = ['tests', '.']; from tiny_mod
                        "import tutorial_train; tutorial_train.main(sys.argv[1:], base=tiny_base())")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and the test suite shares the machine's cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def losses(run: Path) -> dict[int, float]:
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -15,14 +15,6 @@ PROMPT = "red circle with blue background"
 SIZE = 64  # 8x8 latents for the tiny VAE (factor 8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and the test suite shares the machine's cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def base():

@@ -12,17 +12,9 @@ from tinylllite.tiny_sd import (TEXT_ENCODER_CONFIG, TINY_IMAGE_SIZE, UNET_CONFI
 PROMPT = "red circle with blue background"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny SD's tensors are too small for threads to pay; on a busy machine they cost 100x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
-def base(one_thread):
+def base():
     return load_tiny_sd()
 
 

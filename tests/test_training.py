@@ -17,14 +17,6 @@ LR = 1e-5  # the real-SD default the tiny random base gets
 ADAM_NOISE = 0.05 * LR
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and the test suite shares the machine's cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_fill50k(folder, n: int = 8):
     """A Fill50K-layout set of n pairs at 64 px (8x8 latents)."""

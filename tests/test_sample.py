@@ -96,6 +96,19 @@ def test_lllite_multiplier_zero_gives_the_base_output_and_is_restored(hint):
     assert lllite.multiplier == 0.7 and lllite.enabled
 
 
+def test_lllite_embeds_the_hint_once_per_sample_call_not_per_timestep(hint):
+    """Sampling 3 steps with CFG runs the UNet 6 times but computes each module's hint embedding once."""
+    base = tiny_base()
+    lllite = attach_lllite(base.unet)
+    module = next(iter(lllite.values()))
+    embeddings = []
+    module.conditioning1.register_forward_hook(lambda *_: embeddings.append(1))
+    unet_calls = []
+    base.unet.register_forward_hook(lambda *_: unet_calls.append(1))
+    sample(base, [PROMPT], lllite, hint, steps=3, cfg=2.0)
+    assert len(unet_calls) == 6 and len(embeddings) == 1
+
+
 def test_unipc_and_ddim_both_make_images_of_the_hint_size(base, hint, trained_like_controlnet):
     """Both samplers return uint8 (B, H, W, 3) at the hint's size; image i depends on seed + i only."""
     for sampler in ("ddim", "unipc"):

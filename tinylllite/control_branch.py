@@ -56,15 +56,17 @@ def unet_prediction(base: StableDiffusionBase, control, latents: torch.Tensor, t
             with lllite_setting(control, control.multiplier, enabled=False):
                 return base.unet(latents, timesteps, hidden, added_cond_kwargs=added_cond_kwargs).sample
         return base.unet(latents, timesteps, hidden, added_cond_kwargs=added_cond_kwargs).sample
-    if hint is None:
-        raise ValueError(f"a {kind} needs a hint image (B, 3, H, W) in [0, 1]; got hint=None")
     if kind == "controlnet":
+        if hint is None:
+            raise ValueError("a ControlNet needs a hint image (B, 3, H, W) in [0, 1]; got hint=None")
         from tinylllite.controlnet import controlled_unet_forward
 
         residuals = control(latents, timesteps, hidden, hint, added_cond_kwargs=added_cond_kwargs)
         return controlled_unet_forward(base.unet, latents, timesteps, hidden, residuals.scaled(scales, strength),
                                        only_mid_control=only_mid_control, added_cond_kwargs=added_cond_kwargs)
-    # LLLite: the embedding of the hint is computed once per call, then read by every wrapped layer.
-    control.set_conditioning(hint)
+    # LLLite: a hint is embedded here and read by every wrapped layer; hint=None reuses the embedding set
+    # before (a sampler embeds once for all its timesteps; without one, the wrapped layers raise).
+    if hint is not None:
+        control.set_conditioning(hint)
     with lllite_setting(control, lllite_multiplier * strength, enabled=True):
         return base.unet(latents, timesteps, hidden, added_cond_kwargs=added_cond_kwargs).sample

@@ -16,6 +16,7 @@ Also makes a synthetic training set from the base alone, as kohya's LLLite guide
 "prompt" text chunk. Left out: img2img, inpainting, negative-prompt weighting, schedulers beyond two.
 """
 import argparse
+import contextlib
 import itertools
 import os
 import re
@@ -113,18 +114,23 @@ def sample(base: StableDiffusionBase, prompts, control=None, hint=None, steps: i
         scales = guess_mode_scales(len(control.controlnet_down_blocks) + 1)  # 12 encoder skips + 1 middle (SD)
     step_kwargs = {"eta": eta, "generator": torch.Generator().manual_seed(seed)} if sampler == "ddim" else {}
 
-    for i, t in enumerate(scheduler.timesteps):
-        s = strength if in_window(i, len(scheduler.timesteps), control_start, control_end) else 0.0
-        x = scheduler.scale_model_input(latents, t)
-        t_batch = t.expand(len(prompts))  # (B,)
-        common = dict(hint=hint, scales=scales, only_mid_control=only_mid_control, lllite_multiplier=lllite_multiplier)
-        eps = unet_prediction(base, control, x, t_batch, hidden_c, added_c, strength=s, **common)
-        if cfg != 1.0:
-            # guess mode: the unconditional half sees no control at all (diffusers, original)
-            eps_u = unet_prediction(base, control, x, t_batch, hidden_u, added_u, strength=0.0 if guess_mode else s,
-                                    **common)
-            eps = eps_u + cfg * (eps - eps_u)
-        latents = scheduler.step(eps, t, latents, **step_kwargs).prev_sample
+    conditioning = contextlib.nullcontext()
+    if kind == "lllite":  # SPEC §5: the hint is embedded once, not at every timestep
+        conditioning, hint = control.conditioned(hint), None
+    with conditioning:
+        for i, t in enumerate(scheduler.timesteps):
+            s = strength if in_window(i, len(scheduler.timesteps), control_start, control_end) else 0.0
+            x = scheduler.scale_model_input(latents, t)
+            t_batch = t.expand(len(prompts))  # (B,)
+            common = dict(hint=hint, scales=scales, only_mid_control=only_mid_control,
+                          lllite_multiplier=lllite_multiplier)
+            eps = unet_prediction(base, control, x, t_batch, hidden_c, added_c, strength=s, **common)
+            if cfg != 1.0:
+                # guess mode: the unconditional half sees no control at all (diffusers, original)
+                eps_u = unet_prediction(base, control, x, t_batch, hidden_u, added_u,
+                                        strength=0.0 if guess_mode else s, **common)
+                eps = eps_u + cfg * (eps - eps_u)
+            latents = scheduler.step(eps, t, latents, **step_kwargs).prev_sample
     vae = base.vae
     return to_uint8(vae.decode(latents.to(vae.dtype) / base.latent_scale).sample)
 

@@ -181,3 +181,18 @@ def test_8bit_adam_without_bitsandbytes_says_what_to_install(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)  # import fails
     with pytest.raises(SystemExit, match="pip install bitsandbytes"):
         training.make_optimizer([torch.nn.Parameter(torch.zeros(1))], lr=1e-3, use_8bit=True)
+
+
+def test_a_run_folder_loads_back_with_its_branch_and_unlocked_decoder(data, tmp_path):
+    """load_control(base, run) rebuilds the trained ControlNet and puts the trained, unlocked decoder back."""
+    from safetensors.torch import load_file
+
+    from tinylllite.checkpoint import list_checkpoints, load_control
+
+    result = train(data, tmp_path, "--max-steps", 1, "--sd-locked", "false")
+    base = tiny_base()
+    control = load_control(base, result["out"])
+    decoder = load_file(list_checkpoints(result["out"])[-1] / "unet_decoder.safetensors")
+    assert all(torch.equal(control.state_dict()[k], v) for k, v in weights(result).items())
+    assert torch.equal(base.unet.conv_out.weight, decoder["conv_out.weight"])
+    assert not torch.equal(tiny_base().unet.conv_out.weight, decoder["conv_out.weight"])

@@ -107,26 +107,19 @@ def load_trainable(base: StableDiffusionBase, control, weights: dict[str, dict[s
 
 
 def load_control(base: StableDiffusionBase, path):
-    """Build the branch a .safetensors file (or checkpoint folder) holds and load it onto `base`.
+    """Build the branch a training checkpoint (run or step folder) or any control file holds, on `base`.
 
-    ControlNet vs LLLite is read from the keys; for LLLite also C, M, depths and blocks (SPEC §5).
+    Reading and checking the weights is `control_io.load_any_control`'s job (every layout, the family
+    check); a checkpoint folder adds only its `unet_decoder.safetensors` when the run was unlocked.
     """
+    from tinylllite.control_io import load_any_control
+
     path = Path(path)
-    weights = load_checkpoint(path)[0] if path.is_dir() else {"control": load_file(path)}
-    keys = list(weights["control"])
-    if any(k.startswith("lllite_unet_") for k in keys):
-        from tinylllite.lllite_unet import attach_lllite_from_kohya
-
-        control = attach_lllite_from_kohya(base.unet, weights["control"])
-    elif any(k.startswith("controlnet_cond_embedding.") for k in keys):
-        from tinylllite.controlnet import ControlNet
-
-        hint_channels = weights["control"]["controlnet_cond_embedding.conv_in.weight"].shape[1]
-        control = ControlNet.from_unet(base.unet, hint_channels=hint_channels, vae_scale_factor=base.vae_scale_factor)
-        control.load_state_dict(weights["control"])
-    else:
-        raise KeyError(f"{path} holds neither a ControlNet (controlnet_cond_embedding.*) nor an LLLite "
-                       f"(lllite_unet_*); first keys: {keys[:3]}")
-    if "unet_decoder" in weights:
-        load_trainable(base, control, {"control": control.state_dict(), "unet_decoder": weights["unet_decoder"]})
+    if not (path / STATE_FILE).is_file() and not list_checkpoints(path):
+        return load_any_control(path, base)  # a control file, or a diffusers ControlNet folder
+    folder = resolve_checkpoint(path)
+    control = load_any_control(folder / "control.safetensors", base)
+    if (folder / "unet_decoder.safetensors").is_file():
+        load_trainable(base, control, {"control": control.state_dict(),
+                                       "unet_decoder": load_file(folder / "unet_decoder.safetensors")})
     return control.to(base.device, base.unet.dtype).eval()

@@ -30,6 +30,7 @@ from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from tinylllite import checkpoint, image_log, nan_guard, training  # noqa: E402
+from tinylllite.fidelity import evaluation_pairs  # noqa: E402
 
 # ---- Configs: the original's block (defaults for real SD bases) -------------------------------------------
 resume_path = None  # initial control weights (original: './models/control_sd15_ini.ckpt'); --resume-from continues a run
@@ -211,7 +212,7 @@ def main(argv=None, base=None):
     metrics = image_log.MetricsLog(out, append=bool(args.resume_from), keep_until=step) if rank == 0 else None
     is_fill50k = "fill50k" in data_dir.name
     eval_every = args.eval_every if is_fill50k else 0
-    heldout = image_log.heldout_pairs(args.eval_pairs, dataset[0]["hint"].shape[0]) if eval_every else []
+    heldout = evaluation_pairs(args.eval_pairs, dataset[0]["hint"].shape[0]) if eval_every else []
     if rank == 0:
         print(f"{defaults}: base {args.base} ({base.family}), {args.control}, lr {args.learning_rate}, "
               f"{sum(p.numel() for p in params):,} trainable parameters, effective batch {effective} = "

@@ -23,8 +23,6 @@ from tinylllite.sample import sample
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
-HELDOUT_SEED = 1_000_003  # Fill50K held-out pairs: a seed no training set uses
-
 
 def save_png(image: np.ndarray, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
@@ -90,20 +88,6 @@ def log_pairs_grid(base, control, prompts: list[str], hints: np.ndarray, path: P
     path.parent.mkdir(parents=True, exist_ok=True)
     save_png(np.concatenate([part for r in rows for part in (r, gap)][:-1], axis=0), path)
     return samples
-
-
-def heldout_pairs(n: int, size: int, seed: int = HELDOUT_SEED, min_colour_distance: float = 60.0):
-    """The first n Fill50K pairs of a separate seed whose two colours are at least `min_colour_distance` apart (RGB)."""
-    from tinylllite.fidelity import distinguishable
-    from tinylllite.fill50k import make_pair
-
-    pairs, index = [], 0
-    while len(pairs) < n:
-        pair = make_pair(seed, index, size=size)
-        if distinguishable(pair.prompt, min_colour_distance):
-            pairs.append(pair)
-        index += 1
-    return pairs
 
 
 @torch.no_grad()

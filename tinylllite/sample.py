@@ -111,7 +111,7 @@ def sample(base: StableDiffusionBase, prompts, control=None, hint=None, steps: i
     if guess_mode:
         from tinylllite.controlnet import guess_mode_scales
 
-        scales = guess_mode_scales(len(control.controlnet_down_blocks) + 1)  # 12 encoder skips + 1 middle (SD)
+        scales = guess_mode_scales(control.num_residuals)  # SD: 12 encoder skips + 1 middle
     step_kwargs = {"eta": eta, "generator": torch.Generator().manual_seed(seed)} if sampler == "ddim" else {}
 
     conditioning = contextlib.nullcontext()

@@ -1,159 +1,219 @@
 """Train a ControlNet (or a ControlNet-LLLite) on Fill50K: the original `tutorial_train.py`, loop written out.
 
-The original (lllyasviel/ControlNet `tutorial_train.py`, SPEC §3) is a config block and a Lightning
-`Trainer`. Here the block stays at the top and the loop is spelled out, adding what users of the
-original ask for: resume, small checkpoints, mixed precision with a NaN guard, accumulation, Min-SNR,
-8-bit Adam, caching, multi-GPU (`torchrun --nproc_per_node N tutorial_train.py`), fidelity numbers.
+The original (lllyasviel/ControlNet `tutorial_train.py`) is a config block and a Lightning `Trainer`.
+Here the block stays at the top and is exactly what `python tutorial_train.py` runs: the package's tiny
+Stable Diffusion learning where the circle goes, on a CPU, in 10 minutes. The original's values for a
+real SD base are the `sd15` preset, chosen (and printed) for any base other than the tiny one.
 
     python tutorial_train.py                       # tiny SD + fresh ControlNet on Fill50K, 10 minutes, CPU
     python tutorial_train.py --control lllite      # the same with ControlNet-LLLite
     python tutorial_train.py --base v1-5-pruned.safetensors --data ./training/fill50k   # the original run
 
-Every option below is also a flag (`--batch-size` or `--batch_size`). Left out: EMA, LR schedules,
-DeepSpeed, xformers; multi-GPU averages gradients with one explicit all_reduce per optimizer step
-(what DistributedDataParallel does, without overlapping it with the backward pass).
+Every setting below is also a flag (`--batch-size` or `--batch_size`). Added to the original: resume,
+small checkpoints, mixed precision with a NaN guard, accumulation, Min-SNR, 8-bit Adam, caching,
+multi-GPU (`torchrun --nproc_per_node N tutorial_train.py`) and a control-fidelity number. Left out:
+EMA, LR schedules, DeepSpeed, xformers.
 """
+import argparse
+import os
 import time
+from pathlib import Path
 
-PROCESS_START = time.time()  # the tiny-world goal is measured from here
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import signal  # noqa: E402
-from pathlib import Path  # noqa: E402
+from tinylllite import checkpoint, image_log, nan_guard, stopping, training
+from tinylllite.errors import InputError, run_command
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from PIL import Image  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+# ---- Configs: what `python tutorial_train.py` runs (the tiny SD on a CPU), one block per --control ------------
+# Measured on the tiny SD: its ControlNet takes off after ~500 steps at lr 1e-3 (2e-4 idles for minutes).
+# One thread: tiny layers are too small to split, and two OpenMP threads on a busy 2-core machine ran 80x
+# slower. Evaluation CFG 3: at CFG 9 the tiny SD overshoots (IoU 0.776 at CFG 9, 0.853 at 3 on one checkpoint).
+CONTROLNET = dict(
+    batch_size=16,
+    learning_rate=1e-3,
+    gradient_accumulation=1,
+    max_steps=None,  # no step limit: the time limit ends the tiny run
+    max_minutes=10.0,  # counted from the start of the process; the last evaluation ends inside it
+    sd_locked=True,  # True: only the control branch learns; False: the UNet decoder too (then try lr 2e-6)
+    only_mid_control=False,
+    prompt_dropout=0.0,  # fraction of empty prompts (the paper: 0.5)
+    snr_gamma=None,  # Min-SNR loss weighting, e.g. 5.0
+    max_grad_norm=None,  # the original does not clip
+    mixed_precision="fp32",
+    gradient_checkpointing=False,
+    use_8bit_adam=False,
+    cache=False,  # cache VAE latents and text embeddings
+    logger_freq=500,  # image log every this many optimizer steps (and at step 0); 0 = off
+    log_every=10,  # loss line in metrics.jsonl
+    eval_metric="fill50k-iou",  # control fidelity on held-out pairs: fill50k-iou or none
+    eval_every=250,
+    eval_pairs=64,
+    eval_steps=20,
+    eval_cfg=3.0,
+    checkpoint_every=500,
+    keep_checkpoints=3,
+    seed=0,
+    threads=1,
+)
+# LLLite wraps every block: the tiny UNet has one transformer per level (kohya's SD1 set, input only, would be
+# 12 modules) and all its levels sit at depths 1-3.
+LLLITE = dict(CONTROLNET, cond_emb_dim=32, mlp_dim=64, lllite_blocks="input,middle,output")
+BRANCHES = {"controlnet": CONTROLNET, "lllite": LLLITE}
 
-from tinylllite import checkpoint, image_log, nan_guard, training  # noqa: E402
-from tinylllite.fidelity import evaluation_pairs  # noqa: E402
+# The original's values for a real SD base (batch 4, lr 1e-5, image log every 300 steps at CFG 9), and
+# kohya's LLLite recipe (lr 2e-4, C 32, M 64, its SD1 block set).
+SD15 = dict(batch_size=4, learning_rate=1e-5, max_minutes=None, logger_freq=300, eval_every=300, eval_steps=50,
+            eval_cfg=9.0, threads=None)
+PRESETS = {"sd15": {"controlnet": SD15, "lllite": dict(SD15, learning_rate=2e-4, lllite_blocks=None)}}
 
-# ---- Configs: the original's block (defaults for real SD bases) -------------------------------------------
-resume_path = None  # initial control weights (original: './models/control_sd15_ini.ckpt'); --resume-from continues a run
-batch_size = 4
-logger_freq = 300  # image log every this many optimizer steps (and at step 0); 0 = no image log
-learning_rate = 1e-5
-sd_locked = True  # True: only the control branch learns; False: the UNet decoder too (then try lr 2e-6)
-only_mid_control = False
 
-LLLITE = dict(learning_rate=2e-4, cond_emb_dim=32, mlp_dim=64)  # kohya's recipe (SPEC §5)
-# The tiny SD learns position in minutes at a far higher rate: its ControlNet took off after ~500 steps at lr 1e-3
-# and ~1000 at 2e-3 (2e-4 idled for minutes). Evaluations (~10 s each) every 250 steps leave ~85 % of the time
-# to training. One thread: tiny layers are too small to split, and two OpenMP threads on a busy 2-core machine
-# ran 80x slower. LLLite wraps every block: the tiny UNet has one transformer per level (kohya's SD1 set,
-# input only, would be 12 modules) and all its levels sit at depths 1-3, so the files still load in kohya's loaders.
-# Evaluation CFG 3: at CFG 9 the tiny SD overshoots (blurred, oversaturated discs). Measured on one step-2500
-# ControlNet checkpoint, 64 held-out pairs, 20 DDIM steps: IoU 0.776 at CFG 9, 0.826 at 5, 0.853 at 3, 0.858 at 1.5.
-TINY = dict(batch_size=16, logger_freq=500, max_minutes=10.0, eval_every=250, eval_steps=20, eval_cfg=3.0, threads=1,
-            controlnet=dict(learning_rate=1e-3), lllite=dict(learning_rate=1e-3, blocks="input,middle,output"))
+def strict_bool(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() == "true"
+
+
+def count(minimum: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text}")
+        return value
+    return parse
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
+    return value
+
+
+# how each setting is read from the command line (0 = off where a count allows it)
+SETTING_TYPES = dict(
+    batch_size=count(1), learning_rate=positive_float, gradient_accumulation=count(1), max_steps=count(1),
+    max_minutes=positive_float, sd_locked=strict_bool, only_mid_control=strict_bool, prompt_dropout=fraction,
+    snr_gamma=positive_float, max_grad_norm=positive_float, mixed_precision=str, gradient_checkpointing=strict_bool,
+    use_8bit_adam=strict_bool, cache=strict_bool, logger_freq=count(0), log_every=count(1), eval_metric=str,
+    eval_every=count(0), eval_pairs=count(1), eval_steps=count(1), eval_cfg=positive_float, checkpoint_every=count(1),
+    keep_checkpoints=count(1), seed=count(0), threads=count(1), cond_emb_dim=count(1), mlp_dim=count(1),
+    lllite_blocks=str)
+CHOICES = dict(mixed_precision=("fp32", "bf16", "fp16"), eval_metric=("fill50k-iou", "none"))
+SWITCHES = ("gradient_checkpointing", "use_8bit_adam", "cache")  # `--cache` alone means true
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 
     def add(name, **kw):  # --batch-size and --batch_size both work
-        p.add_argument(f"--{name}", f"--{name.replace('-', '_')}", dest=name.replace("-", "_"), **kw)
+        p.add_argument(f"--{name.replace('_', '-')}", f"--{name}", dest=name, **kw)
 
-    add("resume-path", help="initial control weights (.safetensors / original .ckpt)")
-    add("batch-size", type=int)
-    add("logger-freq", type=int)
-    add("learning-rate", type=float)
-    add("sd-locked", type=lambda s: s.lower() in ("1", "true", "yes"), help="true/false")
-    add("only-mid-control", type=lambda s: s.lower() in ("1", "true", "yes"), help="true/false")
-    add("control", choices=("controlnet", "lllite"), default="controlnet")
-    add("cond-emb-dim", type=int, default=LLLITE["cond_emb_dim"])
-    add("mlp-dim", type=int, default=LLLITE["mlp_dim"])
-    add("lllite-blocks", help="comma list of input,middle,output (default: kohya's, or all three on the tiny SD)")
-    add("base", default="tiny", help="'tiny' (the package's tiny SD) or an SD checkpoint / diffusers folder")
-    add("data", help="Fill50K-layout folder (default ./training/fill50k, tiny: ./training/fill50k_<size>)")
-    add("out", help="run folder (default ./runs/<control>-<time>)")
-    add("max-steps", type=int, help="optimizer steps to train")
-    add("max-minutes", type=float, help="stop when the next evaluation would end past this, from process start")
-    add("resume-from", help="a run folder or checkpoint folder to continue")
-    add("gradient-accumulation", type=int, default=1)
-    add("mixed-precision", choices=("fp32", "bf16", "fp16"), default="fp32")
-    add("gradient-checkpointing", action="store_true")
-    add("use-8bit-adam", action="store_true")
-    add("max-grad-norm", type=float, help="clip the gradient norm (the original does not clip)")
-    add("cache", action="store_true", help="cache VAE latents and text embeddings")
-    add("prompt-dropout", type=float, default=0.0, help="fraction of empty prompts (the paper: 0.5)")
-    add("snr-gamma", type=float, help="Min-SNR weighting, e.g. 5.0")
-    add("max-train-samples", type=int)
-    add("checkpoint-every", type=int, default=500)
-    add("keep-checkpoints", type=int, default=3)
-    add("log-every", type=int, default=10, help="metrics.jsonl loss line every this many steps")
-    add("eval-every", type=int, help="fidelity evaluation every this many steps (Fill50K data); 0 = off")
-    add("eval-pairs", type=int, default=64)
-    add("eval-steps", type=int, help="DDIM steps of the evaluation samples")
-    add("eval-cfg", type=float, help="CFG of the evaluation samples (real SD: 9, as the image log)")
-    add("validation-prompt", action="append", default=[])
-    add("validation-image", action="append", default=[])
-    add("seed", type=int, default=0)
-    add("threads", type=int, help="CPU threads for torch (default: torch's choice; 1 on a busy shared machine)")
-    return p.parse_args(argv)
+    add("control", choices=tuple(BRANCHES), default="controlnet", help="which branch to train")
+    add("preset", choices=tuple(PRESETS), help="settings for a real SD base (default for any base but the tiny SD)")
+    add("base", default="tiny", help="'tiny' (the package's tiny SD) or an SD checkpoint file / diffusers folder")
+    add("data", help="training data: a Fill50K-layout folder, JSON Lines file or kohya .toml "
+                     "(default ./training/fill50k; tiny SD: ./training/fill50k_<size>, made if missing)")
+    add("out", help="run folder to create (default ./runs/<control>-<time>)")
+    add("resume_from", help="a run folder or checkpoint folder to continue")
+    add("resume_path", help="initial control weights: any ControlNet or LLLite file or diffusers folder")
+    add("max_train_samples", type=count(1), help="train on the first N pairs only")
+    add("validation_prompt", action="append", default=[], help="with --validation-image; repeatable")
+    add("validation_image", action="append", default=[], help="hint image for the --validation-prompt at its place")
+    for name, parse in SETTING_TYPES.items():
+        extra = dict(nargs="?", const=True) if name in SWITCHES else {}
+        add(name, type=parse, choices=CHOICES.get(name), help=f"default {LLLITE[name]!r} (tiny SD)", **extra)
+    args = p.parse_args(argv)
+    if len(args.validation_prompt) != len(args.validation_image):
+        p.error(f"{len(args.validation_prompt)} --validation-prompt for {len(args.validation_image)} "
+                f"--validation-image: give them in pairs")
+    return args
 
 
-def resolve_defaults(args, tiny: bool) -> str:
-    """Fill unset options from the real-SD block above or the tiny-world set; returns which set was used."""
-    lllite = args.control == "lllite"
-    if lllite and (args.sd_locked is False or args.only_mid_control):
-        raise SystemExit("--sd-locked false / --only-mid-control are ControlNet options; LLLite has no such switch")
-    if tiny:
-        chosen = dict(TINY, **TINY[args.control])
-        lr, name = chosen["learning_rate"], f"tiny-SD defaults ({args.control})"
-    else:
-        chosen = dict(batch_size=batch_size, logger_freq=logger_freq, max_minutes=None, eval_every=logger_freq,
-                      eval_steps=50, eval_cfg=9.0, threads=None, blocks=None)
-        lr, name = LLLITE["learning_rate"] if lllite else learning_rate, f"real-SD defaults ({args.control})"
-    for key, value in dict(chosen, learning_rate=lr, resume_path=resume_path, sd_locked=sd_locked,
-                           only_mid_control=only_mid_control).items():
-        if getattr(args, key, None) is None and key in vars(args):
-            setattr(args, key, value)
-    args.lllite_blocks = args.lllite_blocks or chosen.get("blocks")
-    return name
+def resolve_settings(args, tiny: bool) -> tuple[dict, str | None]:
+    """The branch's block, then a preset (sd15 for any real base unless named), then the flags given."""
+    preset = args.preset or (None if tiny else "sd15")
+    settings = dict(BRANCHES[args.control], **(PRESETS[preset][args.control] if preset else {}))
+    settings.update({k: getattr(args, k) for k in settings if getattr(args, k, None) is not None})
+    if args.control == "lllite" and (not settings["sd_locked"] or settings["only_mid_control"]):
+        raise InputError("--sd-locked false / --only-mid-control are ControlNet options; LLLite has no such switch")
+    return settings, preset
 
 
-def load_dataset(args, base, tiny: bool, rank: int):
+def open_data(args, base, tiny: bool, rank: int):
+    """The training pairs. Only the tiny SD's own default folder is ever created; a given --data must exist."""
     from tinylllite.datasets import Fill50KDataset
 
     size = base.unet.config.sample_size * base.vae_scale_factor
     data = Path(args.data or (f"./training/fill50k_{size}" if tiny else "./training/fill50k"))
-    if tiny and not (data / "prompt.json").exists() and rank == 0:
+    if args.data is None and tiny and not (data / "prompt.json").exists() and rank == 0:
         from tinylllite.fill50k import write_fill50k
 
         print(f"{data} is missing: writing 10,000 Fill50K pairs at {size} px (seed 0)")
         write_fill50k(data, n=10_000, size=size, seed=0)
     if dist.is_initialized():
         dist.barrier()
+    if not (data / "prompt.json").is_file():
+        raise InputError(f"--data {data}: no prompt.json there. Make Fill50K with "
+                         f"`python tutorial_dataset.py --make 50000 --out {data}` or point --data at your pairs")
     return Fill50KDataset(data), data
 
 
-def build_control(args, base):
+def build_control(args, settings: dict, base):
     if args.control == "controlnet":
         from tinylllite.controlnet import ControlNet
 
         return ControlNet.from_unet(base.unet, vae_scale_factor=base.vae_scale_factor)
     from tinylllite.lllite_unet import attach_lllite
 
-    blocks = set(args.lllite_blocks.split(",")) if args.lllite_blocks else None
-    return attach_lllite(base.unet, args.cond_emb_dim, args.mlp_dim, blocks, vae_factor=base.vae_scale_factor)
+    blocks = set(settings["lllite_blocks"].split(",")) if settings["lllite_blocks"] else None
+    return attach_lllite(base.unet, settings["cond_emb_dim"], settings["mlp_dim"], blocks,
+                         vae_factor=base.vae_scale_factor)
 
 
 def load_initial_weights(path, base, control) -> None:
     """--resume-path: a control .safetensors (ours, diffusers', kohya's) or the original's control .ckpt."""
+    from tinylllite.ldm_format import controlnet_names, from_ldm
     from tinylllite.sd_loading import open_state_dict
 
     tensors = dict(open_state_dict(path))
     if any(k.startswith("control_model.") for k in tensors):
-        from tinylllite.ldm_format import controlnet_names, from_ldm
-
         names = controlnet_names(control.state_dict().keys(), dict(base.unet.config))
         tensors = from_ldm(tensors, names, "control_model.")
     checkpoint.load_trainable(base, control, {"control": tensors})
+
+
+def run_folder(args, started: float) -> Path:
+    """--out, the folder of --resume-from, or a fresh ./runs/<control>-<time>; never an existing run by accident."""
+    if args.resume_from:
+        return Path(args.out) if args.out else checkpoint.resolve_checkpoint(args.resume_from).parent.parent
+    out = Path(args.out or f"./runs/{args.control}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(started))}")
+    if out.exists() and any(out.iterdir()):
+        raise InputError(f"--out {out} already holds files; choose a new folder, or continue that run with "
+                         f"--resume-from {out}")
+    return out
+
+
+def resume(path, base, control, optimizer, scaler, effective_batch: int) -> int:
+    """Put a checkpoint's weights, optimizer, loss scale and RNG back; returns its step."""
+    weights, state = checkpoint.load_checkpoint(path)
+    if state["effective_batch"] != effective_batch:
+        raise InputError(f"{path} was trained with effective batch {state['effective_batch']}: resume with the same "
+                         f"batch size, accumulation and number of processes")
+    checkpoint.load_trainable(base, control, weights)
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["step"]
 
 
 def main(argv=None, base=None):
@@ -166,180 +226,90 @@ def main(argv=None, base=None):
         from tinylllite.sample import load_base_or_tiny
 
         base = load_base_or_tiny(args.base)
-    tiny = base.family == "tiny"
-    defaults = resolve_defaults(args, tiny)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    settings, preset = resolve_settings(args, tiny=base.family == "tiny")
+    s = argparse.Namespace(**settings)
+    stop = stopping.StopRule(s.max_steps, s.max_minutes)
+    out = run_folder(args, stop.started)
+    if s.threads:
+        torch.set_num_threads(s.threads)
     base.to(device)
-    dataset, data_dir = load_dataset(args, base, tiny, rank)
-    torch.manual_seed(args.seed)  # the fresh branch's initial weights
-    control = build_control(args, base).to(device)
+    dataset, data_dir = open_data(args, base, base.family == "tiny", rank)
+    torch.manual_seed(s.seed)  # the fresh branch's initial weights
+    control = build_control(args, settings, base).to(device)
     if args.resume_path:
         load_initial_weights(args.resume_path, base, control)
-    named = training.prepare_trainable(base, control, args.sd_locked)
+    named = training.prepare_trainable(base, control, s.sd_locked)
     params = [p for _, p in named]
     if world > 1:  # every rank starts from rank 0's weights
         for p in params:
             dist.broadcast(p.data, src=0)
-    if args.gradient_checkpointing:
+    if s.gradient_checkpointing:
         training.enable_gradient_checkpointing(base, control)
-    if args.mixed_precision != "fp32" and device.type == "cuda":  # frozen weights in half precision save memory
-        half = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
-        for part in (base.unet, base.text_encoder, base.text_encoder_2):
-            for p in part.parameters() if part is not None else []:
-                p.data = p.data if p.requires_grad else p.data.to(half)
-    optimizer = training.make_optimizer(params, args.learning_rate, use_8bit=args.use_8bit_adam)
-    scaler = training.grad_scaler(device, args.mixed_precision)
+    if device.type == "cuda":
+        training.cast_frozen_weights_to_half(base, s.mixed_precision)
+    optimizer = training.make_optimizer(params, s.learning_rate, use_8bit=s.use_8bit_adam)
+    scaler = training.grad_scaler(device, s.mixed_precision)
     scheduler = training.training_scheduler(base)
-    encoder = training.BatchEncoder(base, dataset, args.seed, args.prompt_dropout, args.cache, args.max_train_samples)
-    out = Path(args.out or f"./runs/{args.control}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(PROCESS_START))}")
-    if args.resume_from and not args.out:  # continue in the run folder the checkpoint belongs to
-        out = checkpoint.resolve_checkpoint(args.resume_from).parent.parent
-
-    step = 0
-    if args.resume_from:
-        weights, state = checkpoint.load_checkpoint(args.resume_from)
-        checkpoint.load_trainable(base, control, weights)
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["torch_rng"])
-        if state["effective_batch"] != args.batch_size * args.gradient_accumulation * world:
-            raise SystemExit(f"the checkpoint was trained with effective batch {state['effective_batch']}: "
-                             f"resume with the same batch size, accumulation and number of processes")
-        step = state["step"]
-    effective = args.batch_size * args.gradient_accumulation * world
-    metrics = image_log.MetricsLog(out, append=bool(args.resume_from), keep_until=step) if rank == 0 else None
-    is_fill50k = "fill50k" in data_dir.name
-    eval_every = args.eval_every if is_fill50k else 0
-    heldout = evaluation_pairs(args.eval_pairs, dataset[0]["hint"].shape[0]) if eval_every else []
+    encoder = training.BatchEncoder(base, dataset, s.seed, s.prompt_dropout, s.cache, args.max_train_samples)
+    effective = s.batch_size * s.gradient_accumulation * world
+    step = resume(args.resume_from, base, control, optimizer, scaler, effective) if args.resume_from else 0
+    validation = list(zip(args.validation_prompt, args.validation_image))
+    log = image_log.RunLog(out, settings, base, control, dataset, validation, stop, resumed_at=step if args.resume_from
+                           else None) if rank == 0 else None
     if rank == 0:
-        print(f"{defaults}: base {args.base} ({base.family}), {args.control}, lr {args.learning_rate}, "
-              f"{sum(p.numel() for p in params):,} trainable parameters, effective batch {effective} = "
-              f"{args.batch_size} per process x {args.gradient_accumulation} accumulation x {world} processes; "
+        print(f"{preset or 'tiny-SD'} settings ({args.control}): base {args.base} ({base.family}), "
+              f"lr {s.learning_rate}, {sum(p.numel() for p in params):,} trainable parameters, effective batch "
+              f"{effective} = {s.batch_size} per process x {s.gradient_accumulation} accumulation x {world} processes; "
               f"data {data_dir} ({encoder.n} pairs); out {out}")
-        (out / "config.json").write_text(json.dumps(vars(args) | {"defaults": defaults}, indent=1))
+        log.write_config(dict(control=args.control, preset=preset, base=args.base, data=str(data_dir),
+                              resume_from=args.resume_from, resume_path=args.resume_path))
+        if step == 0:
+            log.after_step(0)
 
-    def evaluate(at_step: int) -> None:  # fidelity on held-out pairs with the same `sample` as deployment
-        started = time.time()
-        with torch.no_grad(), training.autocast(device, args.mixed_precision):  # half-precision frozen weights
-            scores = image_log.evaluate_fidelity(base, control, heldout, steps=args.eval_steps, cfg=args.eval_cfg)
-        control.train()
-        evaluate.seconds = time.time() - started
-        metrics.write(step=at_step, minutes=round((time.time() - PROCESS_START) / 60, 2), **scores)
-        metrics.plot()
-        tqdm.write(f"step {at_step}: IoU {scores['fidelity_iou']:.3f}, colour error {scores['colour_error']:.1f} "
-                   f"({evaluate.seconds:.0f} s on {len(heldout)} held-out pairs)")
-    evaluate.seconds = 0.0
+    autocast = training.autocast(device, s.mixed_precision)
+    progress = tqdm(total=s.max_steps, initial=step, disable=rank != 0, unit="step")
+    with stop:
+        while not stop.should_stop(step, log.evaluation_seconds if log else 0.0, device):
+            # one optimizer step over the effective batch: micro-batches of this process, then all processes
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = torch.zeros((), device=device)
+            for micro in range(s.gradient_accumulation):
+                first = ((step * s.gradient_accumulation + micro) * world + rank) * s.batch_size  # global sample number
+                batch = encoder.batch(list(range(first, first + s.batch_size)), scheduler.config.num_train_timesteps)
+                with autocast:
+                    loss = training.diffusion_loss(base, control, scheduler, batch, s.snr_gamma, s.only_mid_control)
+                nan_guard.check_loss(loss, step)
+                loss = loss / s.gradient_accumulation  # the optimizer step sees the mean over the effective batch
+                (scaler.scale(loss) if scaler else loss).backward()
+                step_loss += loss.detach()
+            if world > 1:
+                training.average_gradients(params, step_loss, world)
+            training.optimizer_step(optimizer, scaler, named, s.max_grad_norm, step)
+            step += 1
 
-    def log_images(at_step: int) -> None:
-        with training.autocast(device, args.mixed_precision):  # half-precision frozen weights on GPU
-            items = [dataset[i] for i in range(min(4, len(dataset)))]
-            image_log.log_training_panels(base, control, items, at_step, out, cfg=9.0, seed=args.seed)
-            if heldout:
-                grid = heldout[:8]
-                image_log.log_pairs_grid(base, control, [p.prompt for p in grid], [p.source for p in grid],
-                                         out / "image_log" / f"heldout_gs-{at_step:06d}.png", steps=args.eval_steps,
-                                         cfg=args.eval_cfg, targets=[p.target for p in grid])
-            for i, (prompt, image) in enumerate(zip(args.validation_prompt, args.validation_image)):
-                hint = np.asarray(Image.open(image).convert("RGB"))
-                image_log.log_pairs_grid(base, control, [prompt], hint[None], out / "image_log" /
-                                         f"validation{i}_gs-{at_step:06d}.png", steps=50, cfg=9.0)
-            control.train()
-
-    def save() -> None:
-        if rank == 0:
-            state = dict(step=step, samples_seen=step * effective, effective_batch=effective, torch_rng=torch.get_rng_state(),
-                         optimizer=optimizer.state_dict(), scaler=scaler.state_dict() if scaler else None)
-            checkpoint.save_checkpoint(out, step, checkpoint.trainable_weights(base, control), state,
-                                       args.keep_checkpoints)
-
-    stop = {"requested": False}
-
-    def on_sigint(signum, frame):  # first Ctrl-C: finish this step, save, exit; second: stop at once
-        if stop["requested"]:
-            raise KeyboardInterrupt
-        stop["requested"] = True
-        tqdm.write("Ctrl-C: finishing this step, saving a checkpoint, then exiting (Ctrl-C again to abort)")
-    previous_handler = signal.signal(signal.SIGINT, on_sigint)
-
-    if rank == 0 and step == 0:
-        if eval_every:
-            evaluate(0)
-        if args.logger_freq:
-            log_images(0)
-    progress = tqdm(total=args.max_steps, initial=step, disable=rank != 0, unit="step")
-    autocast = training.autocast(device, args.mixed_precision)
-    window, last_loss = [], float("nan")
-    while args.max_steps is None or step < args.max_steps:
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = torch.zeros((), device=device)
-        for micro in range(args.gradient_accumulation):
-            # sample numbers of this micro-batch: the run's global order, this process's slice of it
-            first = ((step * args.gradient_accumulation + micro) * world + rank) * args.batch_size
-            batch = encoder.batch(list(range(first, first + args.batch_size)), scheduler.config.num_train_timesteps)
-            with autocast:
-                loss = training.diffusion_loss(base, control, scheduler, batch, args.snr_gamma, args.only_mid_control)
-            nan_guard.check_loss(loss, step)
-            loss = loss / args.gradient_accumulation  # the optimizer step sees the mean over the effective batch
-            (scaler.scale(loss) if scaler else loss).backward()
-            step_loss += loss.detach()
-        if world > 1:  # average gradients (and the logged loss) over processes
-            for p in params:
-                p.grad = torch.zeros_like(p) if p.grad is None else p.grad
-                dist.all_reduce(p.grad)
-                p.grad /= world
-            dist.all_reduce(step_loss)
-            step_loss /= world
-        if scaler:
-            scaler.unscale_(optimizer)
-        else:
-            nan_guard.check_gradients(named, step)
-        if args.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-            nan_guard.check_loss_scale(scaler, step)
-        else:
-            optimizer.step()
-        step += 1
-        last_loss = step_loss.item()
-        window.append(last_loss)
-        progress.update()
-        minutes = (time.time() - PROCESS_START) / 60
-        progress.set_postfix(loss=f"{last_loss:.4f}", minutes=f"{minutes:.1f}",
-                             **({"left": f"{args.max_minutes - minutes:.1f} min"} if args.max_minutes else {}))
-        if rank == 0 and step % args.log_every == 0:
-            metrics.write(step=step, loss=sum(window) / len(window), lr=optimizer.param_groups[0]["lr"])
-            window = []
-        if rank == 0 and args.logger_freq and step % args.logger_freq == 0:
-            log_images(step)
-        if rank == 0 and eval_every and step % eval_every == 0:
-            evaluate(step)
-        if step % args.checkpoint_every == 0:
-            save()
-        # after this step's logs: stop on Ctrl-C or when the final evaluation would end past --max-minutes
-        elapsed = time.time() - PROCESS_START + evaluate.seconds
-        stop_now = torch.tensor(float(stop["requested"] or bool(args.max_minutes) and elapsed > 60 * args.max_minutes),
-                                device=device)
-        if world > 1:  # any process asking to stop stops them all at the same step
-            dist.all_reduce(stop_now)
-        if stop_now > 0:
-            break
+            progress.update()
+            progress.set_postfix(loss=f"{step_loss.item():.4f}", minutes=f"{stop.minutes():.1f}")
+            if rank == 0:
+                log.loss(step, step_loss.item(), optimizer.param_groups[0]["lr"])
+                log.after_step(step)
+            if step % s.checkpoint_every == 0:
+                save(base, control, optimizer, scaler, out, step, effective, s.keep_checkpoints, rank)
     progress.close()
-    signal.signal(signal.SIGINT, previous_handler)
-    save()
+    save(base, control, optimizer, scaler, out, step, effective, s.keep_checkpoints, rank)
     if rank == 0:
-        if eval_every and step % eval_every:
-            evaluate(step)
-        metrics.plot()
-        print(f"stopped at step {step} after {(time.time() - PROCESS_START) / 60:.1f} min; last loss {last_loss:.4f}; "
-              f"checkpoints in {out / 'checkpoints'}, metrics in {metrics.path}")
+        log.finish(step)
     if world > 1:
         dist.destroy_process_group()
     return dict(control=control, step=step, out=out)
 
 
+def save(base, control, optimizer, scaler, out: Path, step: int, effective: int, keep: int, rank: int) -> None:
+    """A checkpoint of the trained weights and everything a resume needs (rank 0 writes it)."""
+    if rank == 0:
+        state = dict(step=step, samples_seen=step * effective, effective_batch=effective, torch_rng=torch.get_rng_state(),
+                     optimizer=optimizer.state_dict(), scaler=scaler.state_dict() if scaler else None)
+        checkpoint.save_checkpoint(out, step, checkpoint.trainable_weights(base, control), state, keep)
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_command("tutorial_train.py", main))

@@ -9,6 +9,7 @@ from tiny_models import tiny_base
 
 import tutorial_train
 from tinylllite import nan_guard, training
+from tinylllite.errors import InputError
 from tinylllite.fill50k import write_fill50k
 
 
@@ -77,7 +78,7 @@ def test_caching_latents_and_text_changes_speed_not_results(data, tmp_path, refe
 
 
 def test_a_training_step_moves_the_zero_convs_first(reference):
-    """After step 1 the zero convs moved away from zero (they alone get gradient at step 0, SPEC §2)."""
+    """After step 1 the zero convs moved away from zero (they alone get gradient at step 0: the paper, Sec. 3.1)."""
     assert reference["controlnet_mid_block.weight"].abs().sum() > 0
     assert all(reference[f"controlnet_down_blocks.{i}.weight"].abs().sum() > 0 for i in range(12))
 
@@ -111,7 +112,7 @@ def test_lllite_trains_its_modules_and_refuses_controlnet_only_switches(data, tm
     result = train(data, tmp_path, "--max-steps", 1, "--batch-size", 2, "--control", "lllite")
     ups = [v for k, v in result["control"].kohya_state_dict().items() if k.endswith("up.0.weight")]
     assert ups and all(u.abs().sum() > 0 for u in ups)
-    with pytest.raises(SystemExit, match="LLLite"):
+    with pytest.raises(InputError, match="LLLite"):
         train(data, tmp_path / "x", "--max-steps", 1, "--control", "lllite", "--sd-locked", "false")
 
 

@@ -11,6 +11,7 @@ Left out: the original's per-epoch folders and its EMA/`log_images` switches.
 """
 import json
 import os
+import time
 from pathlib import Path
 
 import matplotlib
@@ -18,7 +19,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from tqdm import tqdm
+
 from tinylllite.sample import sample
+from tinylllite.training import autocast
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
@@ -127,10 +131,13 @@ class MetricsLog:
     def events(self) -> list[dict]:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
-    def plot(self) -> Path:
+    def plot(self) -> Path | None:
+        """OUT/metrics.png, one panel per logged number; None (and no file) while nothing is logged yet."""
         events = self.events()
         fields = sorted({k for e in events for k, v in e.items()
                          if k not in ("step", *self.NOT_PLOTTED) and isinstance(v, (int, float))})
+        if not fields:
+            return None
         figure, axes = plt.subplots(len(fields), 1, figsize=(6, 2.2 * max(len(fields), 1)), squeeze=False)
         for axis, name in zip(axes[:, 0], fields):
             points = [(e["step"], e[name]) for e in events if name in e]
@@ -144,3 +151,85 @@ class MetricsLog:
         plt.close(figure)
         os.replace(tmp, out)
         return out
+
+
+class RunLog:
+    """What rank 0 of a training run writes besides checkpoints: config.json, metrics.jsonl and its plot,
+    the image logs and the fidelity evaluations, at the steps the run's settings name."""
+
+    def __init__(self, out: Path, settings: dict, base, control, dataset, validation: list[tuple[str, str]], clock,
+                 resumed_at: int | None = None):
+        """settings: the run's resolved settings (tutorial_train.py's block); validation: (prompt, hint image path)
+        pairs; clock: has .minutes(); resumed_at: the step of the checkpoint a resumed run continues from."""
+        from tinylllite.fidelity import evaluation_pairs
+
+        self.out, self.s, self.base, self.control, self.dataset = Path(out), settings, base, control, dataset
+        self.validation, self.clock, self.resumed_at = validation, clock, resumed_at
+        self.metrics = MetricsLog(out, append=resumed_at is not None, keep_until=resumed_at or 0)
+        size = base.unet.config.sample_size * base.vae_scale_factor
+        self.heldout = evaluation_pairs(settings["eval_pairs"], size) if self.evaluating else []
+        self.window: list[float] = []
+        self.evaluation_seconds = 0.0
+
+    @property
+    def evaluating(self) -> bool:
+        return self.s["eval_metric"] == "fill50k-iou" and self.s["eval_every"] > 0
+
+    def write_config(self, run: dict) -> Path:
+        """config.json of a new run (run identity + settings); a resumed run keeps it and writes
+        config_resume_<step>.json beside it."""
+        name = "config.json" if self.resumed_at is None else f"config_resume_{self.resumed_at}.json"
+        path, tmp = self.out / name, self.out / (name + ".tmp")
+        tmp.write_text(json.dumps(dict(run, settings=self.s), indent=1))
+        os.replace(tmp, path)
+        return path
+
+    def loss(self, step: int, value: float, lr: float) -> None:
+        self.window.append(value)
+        if step % self.s["log_every"] == 0:
+            self.metrics.write(step=step, loss=sum(self.window) / len(self.window), lr=lr)
+            self.window = []
+
+    def after_step(self, step: int) -> None:
+        if self.s["logger_freq"] and step % self.s["logger_freq"] == 0:
+            self.images(step)
+        if self.evaluating and step % self.s["eval_every"] == 0:
+            self.evaluate(step)
+
+    def evaluate(self, step: int) -> None:
+        """Fidelity on held-out pairs with the same `sample` as deployment, under the run's autocast."""
+        started = time.time()
+        with torch.no_grad(), autocast(self.base.device, self.s["mixed_precision"]):
+            scores = evaluate_fidelity(self.base, self.control, self.heldout, steps=self.s["eval_steps"],
+                                       cfg=self.s["eval_cfg"])
+        self.control.train()
+        self.evaluation_seconds = time.time() - started
+        self.metrics.write(step=step, minutes=round(self.clock.minutes(), 2), **scores)
+        self.metrics.plot()
+        tqdm.write(f"step {step}: IoU {scores['fidelity_iou']:.3f}, colour error {scores['colour_error']:.1f} "
+                   f"({self.evaluation_seconds:.0f} s on {len(self.heldout)} held-out pairs)")
+
+    def images(self, step: int) -> None:
+        """The original's panels for 4 training items, the held-out grid and the user's validation pairs."""
+        base, control, s, folder = self.base, self.control, self.s, self.out / "image_log"
+        with autocast(base.device, s["mixed_precision"]):
+            items = [self.dataset[i] for i in range(min(4, len(self.dataset)))]
+            log_training_panels(base, control, items, step, self.out, cfg=9.0, seed=s["seed"])
+            if self.heldout:
+                grid = self.heldout[:8]
+                log_pairs_grid(base, control, [p.prompt for p in grid], np.stack([p.source for p in grid]),
+                               folder / f"heldout_gs-{step:06d}.png", steps=s["eval_steps"], cfg=s["eval_cfg"],
+                               targets=np.stack([p.target for p in grid]))
+            for i, (prompt, image) in enumerate(self.validation):
+                hint = np.asarray(Image.open(image).convert("RGB"))
+                log_pairs_grid(base, control, [prompt], hint[None], folder / f"validation{i}_gs-{step:06d}.png",
+                               steps=50, cfg=9.0)
+        control.train()
+
+    def finish(self, step: int) -> None:
+        """The last evaluation (if the step was not one already) and the final plot."""
+        if self.evaluating and step % self.s["eval_every"]:
+            self.evaluate(step)
+        self.metrics.plot()
+        print(f"stopped at step {step} after {self.clock.minutes():.1f} min; checkpoints in {self.out / 'checkpoints'}, "
+              f"metrics in {self.metrics.path}")

@@ -17,9 +17,11 @@ from functools import lru_cache
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
+from tinylllite import nan_guard
 from tinylllite.base import StableDiffusionBase
 from tinylllite.control_branch import control_kind, unet_prediction
 
@@ -174,16 +176,58 @@ def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: fl
     return bitsandbytes.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
 
 
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def autocast(device: torch.device, precision: str):
     """bf16/fp16 autocast of the forward pass; the trainable weights stay fp32 (their optimizer state too)."""
     if precision == "fp32":
         return nullcontext()
-    return torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
+    return torch.autocast(device.type, dtype=HALF[precision])
 
 
 def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | None:
     """fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none."""
     return torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+
+def cast_frozen_weights_to_half(base: StableDiffusionBase, precision: str) -> None:
+    """On a GPU, keep the frozen UNet and text encoders in the run's half precision: half the memory and no
+    per-step casts under autocast. Trainable weights (and their optimizer state) stay fp32."""
+    if precision == "fp32":
+        return
+    for part in (base.unet, base.text_encoder, base.text_encoder_2):
+        for p in part.parameters() if part is not None else []:
+            if not p.requires_grad:
+                p.data = p.data.to(HALF[precision])
+
+
+def average_gradients(params: list[torch.nn.Parameter], loss: torch.Tensor, world: int) -> None:
+    """Mean of every gradient (and of the logged loss) over the processes, as DistributedDataParallel computes it."""
+    for p in params:
+        p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+        dist.all_reduce(p.grad)
+        p.grad /= world
+    dist.all_reduce(loss)
+    loss /= world
+
+
+def optimizer_step(optimizer, scaler, named: list[tuple[str, torch.nn.Parameter]], max_grad_norm: float | None,
+                   step: int) -> None:
+    """Unscale (fp16), check the gradients for NaN/inf, clip, step; with a scaler a skipped step is normal."""
+    params = [p for _, p in named]
+    if scaler:
+        scaler.unscale_(optimizer)
+    else:
+        nan_guard.check_gradients(named, step)
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+        nan_guard.check_loss_scale(scaler, step)
+    else:
+        optimizer.step()
 
 
 def enable_gradient_checkpointing(base: StableDiffusionBase, control) -> None:

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from tinylllite import checkpoint, image_log, nan_guard, stopping, training
 from tinylllite.errors import InputError, run_command
+from tinylllite.fidelity import EVALUATION_SEED
 
 # ---- Configs: what `python tutorial_train.py` runs (the tiny SD on a CPU), one block per --control ------------
 # Measured on the tiny SD: its ControlNet takes off after ~500 steps at lr 1e-3 (2e-4 idles for minutes).
@@ -39,6 +40,7 @@ CONTROLNET = dict(
     sd_locked=True,  # True: only the control branch learns; False: the UNet decoder too (then try lr 2e-6)
     only_mid_control=False,
     prompt_dropout=0.0,  # fraction of empty prompts (the paper: 0.5)
+    timestep_sampling="uniform",  # uniform, as SD was trained, or cubic: more noisy timesteps
     snr_gamma=None,  # Min-SNR loss weighting, e.g. 5.0
     max_grad_norm=None,  # the original does not clip
     mixed_precision="fp32",
@@ -102,12 +104,13 @@ def fraction(text: str) -> float:
 SETTING_TYPES = dict(
     batch_size=count(1), learning_rate=positive_float, gradient_accumulation=count(1), max_steps=count(1),
     max_minutes=positive_float, sd_locked=strict_bool, only_mid_control=strict_bool, prompt_dropout=fraction,
-    snr_gamma=positive_float, max_grad_norm=positive_float, mixed_precision=str, gradient_checkpointing=strict_bool,
+    timestep_sampling=str, snr_gamma=positive_float, max_grad_norm=positive_float, mixed_precision=str, gradient_checkpointing=strict_bool,
     use_8bit_adam=strict_bool, cache=strict_bool, logger_freq=count(0), log_every=count(1), eval_metric=str,
     eval_every=count(0), eval_pairs=count(1), eval_steps=count(1), eval_cfg=positive_float, checkpoint_every=count(1),
     keep_checkpoints=count(1), seed=count(0), threads=count(1), cond_emb_dim=count(1), mlp_dim=count(1),
     lllite_blocks=str)
-CHOICES = dict(mixed_precision=("fp32", "bf16", "fp16"), eval_metric=("fill50k-iou", "none"))
+CHOICES = dict(mixed_precision=("fp32", "bf16", "fp16"), eval_metric=("fill50k-iou", "none"),
+               timestep_sampling=training.TIMESTEP_SAMPLING)
 SWITCHES = ("gradient_checkpointing", "use_8bit_adam", "cache")  # `--cache` alone means true
 
 
@@ -126,6 +129,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("resume_from", help="a run folder or checkpoint folder to continue")
     add("resume_path", help="initial control weights: any ControlNet or LLLite file or diffusers folder")
     add("max_train_samples", type=count(1), help="train on the first N pairs only")
+    add("eval_seed", type=count(0), default=EVALUATION_SEED,
+        help="seed of the held-out evaluation pairs (tuning uses another seed: bench/convergence.py)")
     add("validation_prompt", action="append", default=[], help="with --validation-image; repeatable")
     add("validation_image", action="append", default=[], help="hint image for the --validation-prompt at its place")
     for name, parse in SETTING_TYPES.items():
@@ -250,19 +255,20 @@ def main(argv=None, base=None):
     optimizer = training.make_optimizer(params, s.learning_rate, use_8bit=s.use_8bit_adam)
     scaler = training.grad_scaler(device, s.mixed_precision)
     scheduler = training.training_scheduler(base)
-    encoder = training.BatchEncoder(base, dataset, s.seed, s.prompt_dropout, s.cache, args.max_train_samples)
+    encoder = training.BatchEncoder(base, dataset, s.seed, s.prompt_dropout, s.cache, args.max_train_samples,
+                                    s.timestep_sampling)
     effective = s.batch_size * s.gradient_accumulation * world
     step = resume(args.resume_from, base, control, optimizer, scaler, effective) if args.resume_from else 0
     validation = list(zip(args.validation_prompt, args.validation_image))
-    log = image_log.RunLog(out, settings, base, control, dataset, validation, stop, resumed_at=step if args.resume_from
-                           else None) if rank == 0 else None
+    log = image_log.RunLog(out, settings, base, control, dataset, validation, stop, args.eval_seed,
+                           resumed_at=step if args.resume_from else None) if rank == 0 else None
     if rank == 0:
         print(f"{preset or 'tiny-SD'} settings ({args.control}): base {args.base} ({base.family}), "
               f"lr {s.learning_rate}, {sum(p.numel() for p in params):,} trainable parameters, effective batch "
               f"{effective} = {s.batch_size} per process x {s.gradient_accumulation} accumulation x {world} processes; "
               f"data {data_dir} ({encoder.n} pairs); out {out}")
         log.write_config(dict(control=args.control, preset=preset, base=args.base, data=str(data_dir),
-                              resume_from=args.resume_from, resume_path=args.resume_path))
+                              eval_seed=args.eval_seed, resume_from=args.resume_from, resume_path=args.resume_path))
         if step == 0:
             log.after_step(0)
 

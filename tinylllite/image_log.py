@@ -158,16 +158,17 @@ class RunLog:
     the image logs and the fidelity evaluations, at the steps the run's settings name."""
 
     def __init__(self, out: Path, settings: dict, base, control, dataset, validation: list[tuple[str, str]], clock,
-                 resumed_at: int | None = None):
+                 eval_seed: int, resumed_at: int | None = None):
         """settings: the run's resolved settings (tutorial_train.py's block); validation: (prompt, hint image path)
-        pairs; clock: has .minutes(); resumed_at: the step of the checkpoint a resumed run continues from."""
+        pairs; clock: has .minutes(); eval_seed: seed of the held-out pairs; resumed_at: the step of the
+        checkpoint a resumed run continues from."""
         from tinylllite.fidelity import evaluation_pairs
 
         self.out, self.s, self.base, self.control, self.dataset = Path(out), settings, base, control, dataset
         self.validation, self.clock, self.resumed_at = validation, clock, resumed_at
         self.metrics = MetricsLog(out, append=resumed_at is not None, keep_until=resumed_at or 0)
         size = base.unet.config.sample_size * base.vae_scale_factor
-        self.heldout = evaluation_pairs(settings["eval_pairs"], size) if self.evaluating else []
+        self.heldout = evaluation_pairs(settings["eval_pairs"], size, seed=eval_seed) if self.evaluating else []
         self.window: list[float] = []
         self.evaluation_seconds = 0.0
 

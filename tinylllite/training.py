@@ -53,6 +53,18 @@ def dataset_index(seed: int, sample_number: int, n: int) -> int:
     return int(_epoch_order(seed, sample_number // n, n)[sample_number % n])
 
 
+TIMESTEP_SAMPLING = ("uniform", "cubic")
+
+
+def draw_timestep(g: torch.Generator, num_train_timesteps: int, how: str = "uniform") -> torch.Tensor:
+    """uniform: t ~ U{0..T-1}, as SD was trained. cubic: t = (1 - u^3) T with u ~ U[0, 1), which favours noisy
+    timesteps, where the layout of an image is decided (T2I-Adapter, Mou et al. 2023, Sec. 3.4)."""
+    if how == "uniform":
+        return torch.randint(0, num_train_timesteps, (), generator=g)
+    u = torch.rand((), generator=g)
+    return ((1 - u ** 3) * num_train_timesteps).long().clamp(max=num_train_timesteps - 1)
+
+
 class BatchEncoder:
     """Dataset items -> (latents, text embeddings, hint), with optional caching of the frozen encoders' outputs.
 
@@ -61,8 +73,11 @@ class BatchEncoder:
     """
 
     def __init__(self, base: StableDiffusionBase, dataset, seed: int = 0, prompt_dropout: float = 0.0,
-                 cache: bool = False, max_samples: int | None = None):
+                 cache: bool = False, max_samples: int | None = None, timestep_sampling: str = "uniform"):
+        if timestep_sampling not in TIMESTEP_SAMPLING:
+            raise ValueError(f"timestep_sampling {timestep_sampling!r} is not one of {TIMESTEP_SAMPLING}")
         self.base, self.dataset, self.seed, self.prompt_dropout, self.cache = base, dataset, seed, prompt_dropout, cache
+        self.timestep_sampling = timestep_sampling
         self.n = min(len(dataset), max_samples or len(dataset))
         self.latent_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.text_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
@@ -103,7 +118,7 @@ class BatchEncoder:
         draws = []
         for k in sample_numbers:
             g = sample_generator(self.seed, k)
-            t = torch.randint(0, num_train_timesteps, (), generator=g)
+            t = draw_timestep(g, num_train_timesteps, self.timestep_sampling)
             noise, vae_eps = torch.randn(mean.shape[1:], generator=g), torch.randn(mean.shape[1:], generator=g)
             drop = bool(torch.rand((), generator=g) < self.prompt_dropout)
             draws.append((t, noise, vae_eps, drop))

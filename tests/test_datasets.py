@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from tinylllite.datasets import Fill50KDataset, PairedFolderDataset
+from tinylllite.errors import InputError
 from tinylllite.fill50k import make_pair, write_fill50k
 from tinylllite.kohya_toml import load_kohya_toml, open_training_data, parse_kohya_toml
 
@@ -107,7 +108,7 @@ def test_missing_conditioning_images_are_listed_by_name(tmp_path):
     """An image without its condition is refused, naming it."""
     marked_pair(tmp_path, "a")
     Image.new("RGB", (96, 64)).save(tmp_path / "images" / "lonely.png")
-    with pytest.raises(FileNotFoundError, match="1 images without a condition .*lonely"):
+    with pytest.raises(InputError, match="1 images without a condition .*lonely"):
         PairedFolderDataset(tmp_path / "images", tmp_path / "cond")
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from tinylllite import fill50k
+from tinylllite.errors import InputError
 from tinylllite.fill50k import COLOURS, draw_parameters, make_pair, prompt_for, write_fill50k
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -117,7 +118,7 @@ def test_write_fill50k_refuses_a_non_empty_output_folder(tmp_path):
     """Writing over an existing set is refused with a message naming the folder."""
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="already exists and is not empty"):
+    with pytest.raises(InputError, match="already exists and is not empty"):
         write_fill50k(tmp_path / "out", 2, size=32, workers=1)
 
 

@@ -14,8 +14,10 @@ Additions to the original, all off by default: resize + centre-crop (image and h
 horizontal flip (both together), prompt dropout (the paper's 50% is `prompt_dropout=0.5`), CHW
 tensors. Colour augmentation is refused: it would change the image but not its condition.
 Left out: kohya's aspect-ratio buckets, caption shuffling, latent caching.
-Problems are found up front by `tinylllite.dataset_check`; constructors raise on missing pairs.
+Problems are found up front by `tinylllite.dataset_check`; constructors raise on missing pairs, and
+an item that cannot be used raises `InputError` naming its file (and the JSON line) and what to do.
 """
+import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +27,13 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from tinylllite.errors import InputError
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 JSONL_KEYS = ("source", "target", "prompt")  # Fill50K's key order
 VAE_MULTIPLE = 8  # SD's VAE downsamples by 8; LLLite's conditioning at depth 4 needs 64 (4 * 2^4)
+MAX_SIDE = 4096  # larger sides are refused: SD trains at 512-1024 px; a 10000 px image is 1.2 GB as float32
+CHECK_COMMAND = "python -m tinylllite.dataset_check"
 
 
 @dataclass
@@ -37,21 +43,56 @@ class Pair:
     caption: str
 
 
+def read_utf8(path: Path, what: str = "file") -> str:
+    """A text file's contents; non-UTF-8 bytes are refused naming the file and the line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        raise InputError(f"{path} line {line}: this {what} is not UTF-8 text (byte {data[error.start]:#04x}); "
+                         "re-save it as UTF-8") from None
+
+
+def whole_file_problem(path: Path, text: str) -> str | None:
+    """What makes a JSON Lines file unusable as a whole (empty, or a JSON array), or None."""
+    if not text.strip():
+        return (f"{path} is empty; list one pair per line as "
+                '{"source": "source/0.png", "target": "target/0.png", "prompt": "..."}')
+    if text.lstrip().startswith("["):
+        return (f"{path} is a JSON array; the format is JSON Lines (one object per line): write each "
+                "object of the array on its own line, without the surrounding [ ] and commas")
+    return None
+
+
+def parse_pair_line(line: str) -> tuple[dict | None, str | None]:
+    """(the line's object, None), or (None, what is wrong with it)."""
+    try:
+        item = json.loads(line)
+    except json.JSONDecodeError as error:
+        return None, f"not valid JSON ({error.msg} at column {error.colno})"
+    if not isinstance(item, dict) or any(not isinstance(item.get(k), str) for k in JSONL_KEYS):
+        return None, f"expected an object with text keys {', '.join(JSONL_KEYS)}, got {line[:120]}"
+    return item, None
+
+
 def read_jsonl_pairs(path) -> list[Pair]:
     """Pairs listed in a JSON Lines file of Fill50K's layout; paths relative to its folder."""
     path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path} not found; pass a JSON Lines file of pairs")
+    text = read_utf8(path, "JSON Lines file")
+    problem = whole_file_problem(path, text)
+    if problem:
+        raise InputError(problem)
     pairs = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} line {number}: not valid JSON ({error.msg}); run `python -m "
-                             f"tinylllite.dataset_check {path.parent}` to list every problem") from None
-        if not isinstance(item, dict) or any(not isinstance(item.get(k), str) for k in JSONL_KEYS):
-            raise ValueError(f"{path} line {number}: expected an object with string keys "
-                             f"{', '.join(JSONL_KEYS)}, got {line[:120]}")
+        item, problem = parse_pair_line(line)
+        if problem:
+            raise InputError(f"{path} line {number}: {problem}; run `{CHECK_COMMAND} {path}` to list "
+                             "every problem")
         pairs.append(Pair(path.parent / item["target"], path.parent / item["source"], item["prompt"]))
     return pairs
 
@@ -66,27 +107,40 @@ def read_folder_pairs(image_dir, conditioning_data_dir, caption_extension=".txt"
     image_dir, conditioning_data_dir = Path(image_dir), Path(conditioning_data_dir)
     for folder in (image_dir, conditioning_data_dir):
         if not folder.is_dir():
-            raise FileNotFoundError(f"{folder} is not a folder")
+            raise InputError(f"{folder} is not a folder")
     images, hints = images_by_stem(image_dir), images_by_stem(conditioning_data_dir)
+    if not images:
+        raise InputError(f"{image_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     no_hint = sorted(set(images) - set(hints))
     no_caption = [s for s in images if not images[s].with_suffix(caption_extension).is_file()]
     if no_hint or no_caption:
-        raise FileNotFoundError(
+        raise InputError(
             f"{image_dir}: {len(no_hint)} images without a condition in {conditioning_data_dir} "
             f"({', '.join(no_hint[:10])}), {len(no_caption)} without a {caption_extension} caption "
-            f"({', '.join(no_caption[:10])}); run `python -m tinylllite.dataset_check` for the full list")
-    return [Pair(images[s], hints[s], images[s].with_suffix(caption_extension).read_text().strip())
+            f"({', '.join(no_caption[:10])}); run `{CHECK_COMMAND}` for the full list")
+    return [Pair(images[s], hints[s], read_utf8(images[s].with_suffix(caption_extension), "caption").strip())
             for s in images]
 
 
 def check_size(size, multiple: int) -> tuple[int, int]:
-    """(width, height) from an int or a pair, each a positive multiple of `multiple`."""
+    """(width, height) from an int or a pair, each a positive multiple of `multiple`, at most MAX_SIDE."""
     width, height = (size, size) if isinstance(size, int) else tuple(size)
     if width <= 0 or height <= 0 or width % multiple or height % multiple:
-        raise ValueError(f"size {width}x{height} is not a multiple of {multiple} on each side (the VAE "
+        raise InputError(f"size {width}x{height} is not a multiple of {multiple} on each side (the VAE "
                          f"needs 8, LLLite's depth 4 needs 64); pick e.g. "
                          f"{max(multiple, round(width / multiple) * multiple)}")
+    if max(width, height) > MAX_SIDE:
+        raise InputError(f"size {width}x{height} is over {MAX_SIDE} px on a side; pick a smaller one")
     return width, height
+
+
+def size_flag(text: str) -> int:
+    """argparse type of a --size flag: an image side in pixels, a multiple of 8 from 8 to MAX_SIDE."""
+    try:
+        return check_size(int(text), VAE_MULTIPLE)[0]
+    except ValueError as error:  # InputError is a ValueError, and so is int("x")'s
+        raise argparse.ArgumentTypeError(f"{text!r}: {error}" if isinstance(error, InputError) else
+                                         f"{text!r} is not a whole number of pixels") from None
 
 
 def resize_centre_crop(image: Image.Image, width: int, height: int) -> Image.Image:
@@ -99,8 +153,18 @@ def resize_centre_crop(image: Image.Image, width: int, height: int) -> Image.Ima
 
 
 def load_rgb(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    """An image as RGB (greyscale, palette and RGBA converted); raises naming the file it cannot use."""
+    try:
+        with Image.open(path) as image:
+            if max(image.size) > MAX_SIDE:
+                raise InputError(f"{path} is {image.width}x{image.height}, over {MAX_SIDE} px on a side; "
+                                 "resize it (training resizes to the model's size anyway)")
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise InputError(f"{path} does not exist; run `{CHECK_COMMAND}` to list every missing file") from None
+    except (OSError, SyntaxError, Image.DecompressionBombError) as error:
+        raise InputError(f"{path} cannot be read as an image ({error}); replace or remove it, and run "
+                         f"`{CHECK_COMMAND}` to find every such file") from None
 
 
 class PairedDataset(Dataset):
@@ -109,13 +173,13 @@ class PairedDataset(Dataset):
     def __init__(self, pairs: list[Pair], size=None, multiple: int = VAE_MULTIPLE, chw: bool = False,
                  prompt_dropout: float = 0.0, flip: bool = False, color_aug: bool = False):
         if color_aug:
-            raise ValueError("colour augmentation is refused on a conditioning dataset: it changes the "
+            raise InputError("colour augmentation is refused on a conditioning dataset: it changes the "
                              "image's colours but not the hint's, so the model learns to ignore colour "
                              "words; turn color_aug off")
         if not 0.0 <= prompt_dropout <= 1.0:
-            raise ValueError(f"prompt_dropout must be in [0, 1], got {prompt_dropout}")
+            raise InputError(f"prompt_dropout must be in [0, 1], got {prompt_dropout}")
         if not pairs:
-            raise ValueError("the dataset lists no pairs")
+            raise InputError("the dataset lists no pairs")
         self.pairs = pairs
         self.size = None if size is None else check_size(size, multiple)
         self.multiple, self.chw, self.prompt_dropout, self.flip = multiple, chw, prompt_dropout, flip
@@ -127,12 +191,12 @@ class PairedDataset(Dataset):
         pair = self.pairs[index]
         image, hint = load_rgb(pair.image), load_rgb(pair.hint)
         if image.size != hint.size:
-            raise ValueError(f"{pair.image} is {image.width}x{image.height} but its hint {pair.hint} is "
+            raise InputError(f"{pair.image} is {image.width}x{image.height} but its hint {pair.hint} is "
                              f"{hint.width}x{hint.height}; a pair must have one size")
         if self.size is not None:
             image, hint = (resize_centre_crop(x, *self.size) for x in (image, hint))
         elif image.width % self.multiple or image.height % self.multiple:
-            raise ValueError(f"{pair.image} is {image.width}x{image.height}, not a multiple of "
+            raise InputError(f"{pair.image} is {image.width}x{image.height}, not a multiple of "
                              f"{self.multiple}; pass size= to resize and centre-crop")
         jpg = np.asarray(image, np.float32) / 127.5 - 1.0  # (H, W, 3) in [-1, 1]
         hint01 = np.asarray(hint, np.float32) / 255.0  # (H, W, 3) in [0, 1]
@@ -154,8 +218,8 @@ class Fill50KDataset(PairedDataset):
                  size=None, multiple: int = VAE_MULTIPLE, flip: bool = False):
         prompt_file = Path(root) / "prompt.json"
         if not prompt_file.is_file():
-            raise FileNotFoundError(f"{prompt_file} not found; make a Fill50K-like set with "
-                                    f"`python tutorial_dataset.py --make 50000 --out {root}`")
+            raise InputError(f"{prompt_file} not found; make a Fill50K-like set with "
+                             f"`python tutorial_dataset.py --make 50000 --out {root}`")
         super().__init__(read_jsonl_pairs(prompt_file), size=size, multiple=multiple, chw=chw,
                          prompt_dropout=prompt_dropout, flip=flip)
 
@@ -167,10 +231,12 @@ class PairedFolderDataset(PairedDataset):
                  size=None, multiple: int = VAE_MULTIPLE, chw: bool = False, prompt_dropout: float = 0.0,
                  flip: bool = False, color_aug: bool = False):
         source = Path(image_dir_or_jsonl)
+        if not source.exists():
+            raise InputError(f"{source} does not exist")
         if source.is_file():
             pairs = read_jsonl_pairs(source)
         elif conditioning_data_dir is None:
-            raise ValueError(f"{source} is a folder: also pass conditioning_data_dir (kohya's layout), "
+            raise InputError(f"{source} is a folder: also pass conditioning_data_dir (kohya's layout), "
                              "or pass a JSON Lines file instead")
         else:
             pairs = read_folder_pairs(source, conditioning_data_dir, caption_extension)

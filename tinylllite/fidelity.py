@@ -23,6 +23,7 @@ import re
 
 import numpy as np
 
+from tinylllite.errors import InputError
 from tinylllite.fill50k import COLOURS, Fill50KPair, make_pair
 
 MIN_COLOUR_DISTANCE = 60.0  # RGB 0-255; closer circle/background colours are left out of evaluation
@@ -36,12 +37,18 @@ def prompt_colours(prompt: str) -> tuple[np.ndarray, np.ndarray]:
     """(circle RGB, background RGB) as float arrays, from a Fill50K prompt."""
     match = PROMPT_PATTERN.match(prompt)
     if match is None:
-        raise ValueError(f"prompt {prompt!r} is not of the form '<colour> circle with <colour> background'")
+        raise InputError(f"prompt {prompt!r} is not of the form '<colour> circle with <colour> background'")
     unknown = [name for name in match.groups() if name not in COLOURS]
     if unknown:
-        raise ValueError(f"prompt {prompt!r}: unknown colour name(s) {unknown}; "
+        raise InputError(f"prompt {prompt!r}: unknown colour name(s) {unknown}; "
                          "see tinylllite.fill50k.COLOURS")
     return tuple(np.array(COLOURS[name], np.float64) for name in match.groups())
+
+
+def is_fill50k_prompt(prompt: str) -> bool:
+    """True when the caption is "<colour> circle with <colour> background" with two known colour names."""
+    match = PROMPT_PATTERN.match(prompt)
+    return match is not None and all(name in COLOURS for name in match.groups())
 
 
 def distinguishable(prompt: str, min_distance: float = MIN_COLOUR_DISTANCE) -> bool:
@@ -100,7 +107,7 @@ def fit_circle(source: np.ndarray) -> tuple[float, float, float]:
     """(x, y, r) of the least-squares circle through the outline's white pixels."""
     ys, xs = np.nonzero(source.max(axis=2) > 127)
     if len(xs) < 3:
-        raise ValueError("the source image has no circle outline (fewer than 3 white pixels)")
+        raise InputError("the source image has no circle outline (fewer than 3 white pixels)")
     # x^2 + y^2 = 2 a x + 2 b y + c is linear in (a, b, c); r^2 = c + a^2 + b^2.
     design = np.stack([2 * xs, 2 * ys, np.ones_like(xs)], axis=1).astype(np.float64)  # (N, 3)
     (a, b, c), *_ = np.linalg.lstsq(design, (xs ** 2 + ys ** 2).astype(np.float64), rcond=None)
@@ -130,7 +137,7 @@ def true_disc(source: np.ndarray) -> np.ndarray:
 def fill50k_fidelity(image: np.ndarray, source: np.ndarray, prompt: str) -> dict:
     """dict(iou, colour_error) of a generated image (S, S, 3) uint8 against its source outline and prompt."""
     if image.shape != source.shape or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"image {image.shape} and source {source.shape} must both be (S, S, 3)")
+        raise InputError(f"image {image.shape} and source {source.shape} must both be (S, S, 3)")
     circle, background = prompt_colours(prompt)
     centres, labels = two_colours(image)
     straight = np.linalg.norm(centres[0] - circle) + np.linalg.norm(centres[1] - background)

@@ -21,6 +21,7 @@ draws (the real dataset's random stream is unknown; item 1234 of ours is not "bu
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -28,6 +29,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
+
+from tinylllite.errors import InputError
 
 # CSS3/X11 named colours as they appear in Fill50K prompts (tests/fixtures/fill50k_colours.json).
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -86,6 +89,7 @@ RADIUS_RANGE = (64, 256)  # inclusive, pixels at 512
 CENTRE_RANGE = (96, 416)  # inclusive, for x and for y, pixels at 512
 RING_HALF_WIDTH = 2.5  # the ring covers radii r-2 .. r+2: 5 pixel rings at 512
 PNG_COMPRESS_LEVEL = 1  # flat images compress well even at level 1, and it is several times faster
+SET_ENTRIES = {"prompt.json", "source", "target"}  # all that write_fill50k puts in its folder
 
 
 def prompt_for(circle: str, background: str) -> str:
@@ -116,7 +120,7 @@ def draw_parameters(seed: int, index: int) -> tuple[int, int, int, str, str]:
 def make_pair(seed: int, index: int, size: int = REFERENCE_SIZE) -> Fill50KPair:
     """Draw item `index` of the Fill50K-like set with `seed`, at `size` x `size` pixels."""
     if size < 8:
-        raise ValueError(f"Fill50K size must be at least 8 pixels, got {size}")
+        raise InputError(f"Fill50K size must be at least 8 pixels, got {size}")
     radius, cx, cy, circle, background = draw_parameters(seed, index)
     scale = size / REFERENCE_SIZE
     # Pixel centres of a 512 grid map to (i + 0.5) * scale - 0.5 on the smaller grid.
@@ -135,11 +139,22 @@ def make_pair(seed: int, index: int, size: int = REFERENCE_SIZE) -> Fill50KPair:
                        (x0, y0), r)
 
 
+def write_atomically(path: Path, write) -> None:
+    """Call `write(temporary path)`, then rename it to `path`; a failure leaves nothing and names `path`."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise InputError(f"cannot write {path} ({error.strerror or error}); check that its folder is "
+                         "writable and the disk has space") from None
+
+
 def save_png(image: np.ndarray, path: Path) -> None:
     """Write a PNG atomically (`path.tmp`, then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(image).save(tmp, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG",
+                                                                   compress_level=PNG_COMPRESS_LEVEL))
 
 
 def _write_item(job: tuple[Path, int, int, int]) -> tuple[int, str]:
@@ -151,43 +166,73 @@ def _write_item(job: tuple[Path, int, int, int]) -> tuple[int, str]:
     return index, pair.prompt
 
 
+def check_replaceable(folder: Path, overwrite: bool, own: set[str]) -> None:
+    """Refuse to write over a folder unless it is empty, or `overwrite` and it holds only `own` entries."""
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder} is a file, not a folder; pick another output folder")
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return
+    if not overwrite:
+        raise InputError(f"{folder} already exists and is not empty; pick another output folder, or pass "
+                         "--overwrite (overwrite=True) to replace the Fill50K set in it")
+    foreign = sorted(p.name for p in folder.iterdir() if p.name not in own)
+    if foreign:
+        raise InputError(f"{folder} holds files that are not part of a Fill50K set ({', '.join(foreign[:5])}), "
+                         "so it is not replaced even with --overwrite; pick another output folder")
+
+
 def write_fill50k(out_dir, n: int, size: int = REFERENCE_SIZE, seed: int = 0,
-                  workers: int | None = None) -> Path:
+                  workers: int | None = None, overwrite: bool = False) -> Path:
     """Write n pairs in the Fill50K layout to out_dir; return out_dir.
 
-    The set is built in `<out_dir>.partial` and renamed to out_dir only when complete, so a killed run
-    never leaves a folder that looks finished (a rerun starts the partial folder afresh).
+    The set is built in `<out_dir>.partial` and renamed to out_dir only when complete; any failure,
+    Ctrl-C included, removes the partial folder, so no half-written set is left (a killed process
+    leaves `<out_dir>.partial`, which the next run replaces). An existing non-empty out_dir is
+    refused unless `overwrite`, and even then only when it holds nothing but a Fill50K set.
     """
     out_dir = Path(out_dir)
-    if n < 1:
-        raise ValueError(f"write_fill50k: n must be at least 1, got {n}")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir} already exists and is not empty; delete it or pick another "
-                              "output folder")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise InputError(f"the number of pairs must be a whole number of at least 1, got {n!r}")
+    if not isinstance(size, int) or size < 8 or size % 8:
+        raise InputError(f"Fill50K size must be a multiple of 8 pixels, at least 8, got {size!r} "
+                         "(the VAE downsamples by 8)")
+    if workers is not None and workers < 1:
+        raise InputError(f"workers must be at least 1, got {workers}")
+    if seed < 0:
+        raise InputError(f"seed must be 0 or more, got {seed}")
+    check_replaceable(out_dir, overwrite, SET_ENTRIES)
     partial = out_dir.with_name(out_dir.name + ".partial")
+    check_replaceable(partial, True, SET_ENTRIES | {"prompt.json.tmp"})  # a killed run's leftovers only
     shutil.rmtree(partial, ignore_errors=True)
-    (partial / "source").mkdir(parents=True)
-    (partial / "target").mkdir()
-    workers = workers or len(os.sched_getaffinity(0))
-    jobs = [(partial, seed, i, size) for i in range(n)]
-    prompts = [""] * n
-    progress = tqdm(total=n, desc=f"Fill50K {size}px", unit="pair")
-    if workers == 1:
-        for index, prompt in map(_write_item, jobs):
-            prompts[index] = prompt
-            progress.update()
-    else:
-        with get_context("fork").Pool(workers) as pool:
-            for index, prompt in pool.imap_unordered(_write_item, jobs, chunksize=64):
+    try:
+        (partial / "source").mkdir(parents=True)
+        (partial / "target").mkdir()
+        workers = workers or len(os.sched_getaffinity(0))
+        jobs = [(partial, seed, i, size) for i in range(n)]
+        prompts = [""] * n
+        progress = tqdm(total=n, desc=f"Fill50K {size}px", unit="pair")
+        if workers == 1:
+            for index, prompt in map(_write_item, jobs):
                 prompts[index] = prompt
                 progress.update()
-    progress.close()
-    lines = (json.dumps({"source": f"source/{i}.png", "target": f"target/{i}.png", "prompt": p})
-             for i, p in enumerate(prompts))
-    tmp = partial / "prompt.json.tmp"
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, partial / "prompt.json")
-    if out_dir.exists():
-        out_dir.rmdir()  # empty, checked above
-    os.replace(partial, out_dir)
+        else:
+            with get_context("fork").Pool(workers) as pool:
+                for index, prompt in pool.imap_unordered(_write_item, jobs, chunksize=64):
+                    prompts[index] = prompt
+                    progress.update()
+        progress.close()
+        lines = (json.dumps({"source": f"source/{i}.png", "target": f"target/{i}.png", "prompt": p})
+                 for i, p in enumerate(prompts))
+        text = "\n".join(lines) + "\n"
+        write_atomically(partial / "prompt.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if out_dir.exists():  # empty, or a set that overwrite replaces: moved into a fresh folder, then deleted
+        aside = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.replaced-", dir=out_dir.parent))
+        os.replace(out_dir, aside / out_dir.name)
+        os.replace(partial, out_dir)
+        shutil.rmtree(aside)
+    else:
+        os.replace(partial, out_dir)
     return out_dir

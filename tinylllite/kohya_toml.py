@@ -29,7 +29,8 @@ from pathlib import Path
 from torch.utils.data import ConcatDataset
 
 from tinylllite.datasets import (VAE_MULTIPLE, Fill50KDataset, PairedDataset, PairedFolderDataset, check_size,
-                                 read_folder_pairs)
+                                 read_folder_pairs, read_utf8)
+from tinylllite.errors import InputError
 
 SUBSET_ONLY = ("image_dir", "conditioning_data_dir")
 SUBSET_INHERITED = ("caption_extension", "num_repeats", "flip_aug", "color_aug")  # any level
@@ -58,52 +59,65 @@ class DatasetConfig:
 def _refuse_unknown(table: dict, allowed: tuple, where: str) -> None:
     unknown = sorted(set(table) - set(allowed))
     if unknown:
-        raise ValueError(f"{where}: unsupported key(s) {', '.join(unknown)}; tinylllite reads "
+        raise InputError(f"{where}: unsupported key(s) {', '.join(unknown)}; tinylllite reads "
                          f"{', '.join(allowed)} here")
+
+
+def _positive_int(value, key: str, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{where}: {key} = {value!r} must be a whole number of at least 1")
+    return value
 
 
 def parse_kohya_toml(path, multiple: int = VAE_MULTIPLE) -> list[DatasetConfig]:
     """The datasets a kohya .toml describes, every option resolved; raises naming the table and key."""
     path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path} not found; pass a kohya dataset .toml")
     try:
-        config = tomllib.loads(path.read_text())
+        config = tomllib.loads(read_utf8(path, "TOML file"))
     except tomllib.TOMLDecodeError as error:
-        raise ValueError(f"{path}: not valid TOML ({error})") from None
+        raise InputError(f"{path}: not valid TOML ({error})") from None
     _refuse_unknown(config, ("general", "datasets"), str(path))
     general = config.get("general", {})
     _refuse_unknown(general, SUBSET_INHERITED + DATASET_INHERITED, f"{path} [general]")
     if not config.get("datasets"):
-        raise ValueError(f"{path}: no [[datasets]] table")
+        raise InputError(f"{path}: no [[datasets]] table")
     datasets = []
     for d, dataset in enumerate(config["datasets"], start=1):
         where = f"{path} [[datasets]] #{d}"
         _refuse_unknown(dataset, SUBSET_INHERITED + DATASET_INHERITED + ("subsets",), where)
         options = DEFAULTS | general | {k: v for k, v in dataset.items() if k != "subsets"}
         if "resolution" not in options:
-            raise ValueError(f"{where}: no resolution (set e.g. resolution = 512 in [general])")
+            raise InputError(f"{where}: no resolution (set e.g. resolution = 512 in [general])")
         resolution = options["resolution"]
         try:
             resolution = check_size(resolution, multiple)
         except (TypeError, ValueError) as error:
-            raise ValueError(f"{where}: resolution {resolution!r}: {error}") from None
+            raise InputError(f"{where}: resolution {resolution!r}: {error}") from None
         subsets = []
         for s, subset in enumerate(dataset.get("subsets", []), start=1):
             here = f"{where} [[datasets.subsets]] #{s}"
             _refuse_unknown(subset, SUBSET_ONLY + SUBSET_INHERITED, here)
             missing = [k for k in SUBSET_ONLY if k not in subset]
             if missing:
-                raise ValueError(f"{here}: missing {', '.join(missing)} (a conditioning dataset "
+                raise InputError(f"{here}: missing {', '.join(missing)} (a conditioning dataset "
                                  "needs both image_dir and conditioning_data_dir)")
             merged = {k: v for k, v in options.items() if k in SUBSET_INHERITED} | subset
             if merged["color_aug"]:
-                raise ValueError(f"{here}: color_aug = true is refused for a conditioning dataset: it "
+                raise InputError(f"{here}: color_aug = true is refused for a conditioning dataset: it "
                                  "changes the image's colours but not the hint's; set color_aug = false")
+            for key in SUBSET_ONLY + ("caption_extension",):
+                if not isinstance(merged[key], str):
+                    raise InputError(f"{here}: {key} = {merged[key]!r} must be text in quotes")
             subsets.append(SubsetConfig(Path(merged["image_dir"]), Path(merged["conditioning_data_dir"]),
-                                        merged["caption_extension"], int(merged["num_repeats"]),
+                                        merged["caption_extension"],
+                                        _positive_int(merged["num_repeats"], "num_repeats", here),
                                         bool(merged["flip_aug"]), False))
         if not subsets:
-            raise ValueError(f"{where}: no [[datasets.subsets]]")
-        datasets.append(DatasetConfig(resolution, int(options["batch_size"]), subsets))
+            raise InputError(f"{where}: no [[datasets.subsets]]")
+        datasets.append(DatasetConfig(resolution, _positive_int(options["batch_size"], "batch_size", where),
+                                      subsets))
     return datasets
 
 
@@ -138,13 +152,19 @@ def open_training_data(path, size=None, multiple: int = VAE_MULTIPLE, chw: bool 
     keep their images' size unless `size` is given.
     """
     path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path} does not exist; pass a folder holding prompt.json, a JSON Lines file or a "
+                         "kohya dataset .toml")
     if path.suffix == ".toml":
         loaded = load_kohya_toml(path, multiple, chw, prompt_dropout)
         if len(loaded) != 1:
-            raise ValueError(f"{path}: {len(loaded)} [[datasets]] tables; tinylllite trains on one "
+            raise InputError(f"{path}: {len(loaded)} [[datasets]] tables; tinylllite trains on one "
                              "(merge their subsets into a single [[datasets]])")
         return loaded[0].dataset, loaded[0].batch_size
     if path.is_dir():
+        if not (path / "prompt.json").is_file():
+            raise InputError(f"{path} holds no prompt.json; pass a Fill50K-layout folder, a JSON Lines file, "
+                             "or, for image and conditioning folders, a kohya dataset .toml naming them")
         return Fill50KDataset(path, chw=chw, prompt_dropout=prompt_dropout, size=size,
                               multiple=multiple), None
     return PairedFolderDataset(path, size=size, multiple=multiple, chw=chw,

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from tinylllite import checkpoint, image_log, nan_guard, stopping, training
 from tinylllite.errors import InputError, run_command
-from tinylllite.fidelity import EVALUATION_SEED
+from tinylllite.fidelity import EVALUATION_SEED, evaluation_pairs
 
 # ---- Configs: what `python tutorial_train.py` runs (the tiny SD on a CPU), one block per --control ------------
 # Measured on the tiny SD: its ControlNet takes off after ~500 steps at lr 1e-3 (2e-4 idles for minutes).
@@ -49,7 +49,9 @@ CONTROLNET = dict(
     cache=False,  # cache VAE latents and text embeddings
     logger_freq=500,  # image log every this many optimizer steps (and at step 0); 0 = off
     log_every=10,  # loss line in metrics.jsonl
-    eval_metric="fill50k-iou",  # control fidelity on held-out pairs: fill50k-iou or none
+    eval_metric="fill50k-iou",  # control fidelity on held-out pairs: fill50k-iou, edge-f1 (your Canny data) or none
+    canny_low=100,  # edge-f1: the Canny thresholds that made the hints (python -m tinylllite.canny's defaults)
+    canny_high=200,
     eval_every=250,
     eval_pairs=64,
     eval_steps=20,
@@ -106,10 +108,10 @@ SETTING_TYPES = dict(
     max_minutes=positive_float, sd_locked=strict_bool, only_mid_control=strict_bool, prompt_dropout=fraction,
     timestep_sampling=str, snr_gamma=positive_float, max_grad_norm=positive_float, mixed_precision=str, gradient_checkpointing=strict_bool,
     use_8bit_adam=strict_bool, cache=strict_bool, logger_freq=count(0), log_every=count(1), eval_metric=str,
-    eval_every=count(0), eval_pairs=count(1), eval_steps=count(1), eval_cfg=positive_float, checkpoint_every=count(1),
+    canny_low=positive_float, canny_high=positive_float, eval_every=count(0), eval_pairs=count(1), eval_steps=count(1), eval_cfg=positive_float, checkpoint_every=count(1),
     keep_checkpoints=count(1), seed=count(0), threads=count(1), cond_emb_dim=count(1), mlp_dim=count(1),
     lllite_blocks=str)
-CHOICES = dict(mixed_precision=("fp32", "bf16", "fp16"), eval_metric=("fill50k-iou", "none"),
+CHOICES = dict(mixed_precision=("fp32", "bf16", "fp16"), eval_metric=("fill50k-iou", "edge-f1", "none"),
                timestep_sampling=training.TIMESTEP_SAMPLING)
 SWITCHES = ("gradient_checkpointing", "use_8bit_adam", "cache")  # `--cache` alone means true
 
@@ -153,9 +155,12 @@ def resolve_settings(args, tiny: bool) -> tuple[dict, str | None]:
     return settings, preset
 
 
-def open_data(args, base, tiny: bool, rank: int):
-    """The training pairs. Only the tiny SD's own default folder is ever created; a given --data must exist."""
-    from tinylllite.datasets import Fill50KDataset
+def open_data(args, settings: dict, base, tiny: bool, rank: int):
+    """The training pairs, checked up front (image headers, captions) by the same checks as dataset_check.
+
+    Only the tiny SD's own default folder is ever created; a given --data must exist. The data says what
+    it is: Fill50K's IoU is computed only when every caption is a Fill50K prompt."""
+    from tinylllite.dataset_check import open_checked
 
     size = base.unet.config.sample_size * base.vae_scale_factor
     data = Path(args.data or (f"./training/fill50k_{size}" if tiny else "./training/fill50k"))
@@ -166,10 +171,29 @@ def open_data(args, base, tiny: bool, rank: int):
         write_fill50k(data, n=10_000, size=size, seed=0)
     if dist.is_initialized():
         dist.barrier()
-    if not (data / "prompt.json").is_file():
-        raise InputError(f"--data {data}: no prompt.json there. Make Fill50K with "
-                         f"`python tutorial_dataset.py --make 50000 --out {data}` or point --data at your pairs")
-    return Fill50KDataset(data), data
+    checked = open_checked(data, multiple=base.vae_scale_factor)
+    if settings["eval_metric"] == "fill50k-iou" and settings["eval_every"] and not checked.is_fill50k:
+        raise InputError(f"--data {data} is not Fill50K (not every caption reads '<colour> circle with <colour> "
+                         f"background'), so its IoU cannot be measured: use --eval-metric edge-f1 for Canny hints, "
+                         f"or --eval-metric none")
+    return checked.dataset, data
+
+
+def heldout_pairs(settings: dict, base, dataset, eval_seed: int) -> tuple[list, int]:
+    """The evaluation's pairs, and how many dataset items training may use.
+
+    fill50k-iou: fresh Fill50K pairs of a seed no training set uses. edge-f1: the last min(eval_pairs, 5 %) of
+    the user's pairs, kept out of training."""
+    if settings["eval_metric"] == "none" or settings["eval_every"] == 0:
+        return [], len(dataset)
+    if settings["eval_metric"] == "fill50k-iou":
+        size = base.unet.config.sample_size * base.vae_scale_factor
+        return evaluation_pairs(settings["eval_pairs"], size, seed=eval_seed), len(dataset)
+    held = min(settings["eval_pairs"], -(-len(dataset) // 20))
+    if len(dataset) - held < 1:
+        raise InputError(f"--eval-metric edge-f1 keeps {held} of {len(dataset)} pairs for evaluation and none are left "
+                         f"to train on: add pairs or use --eval-metric none")
+    return [dataset[i] for i in range(len(dataset) - held, len(dataset))], len(dataset) - held
 
 
 def build_control(args, settings: dict, base):
@@ -238,7 +262,7 @@ def main(argv=None, base=None):
     if s.threads:
         torch.set_num_threads(s.threads)
     base.to(device)
-    dataset, data_dir = open_data(args, base, base.family == "tiny", rank)
+    dataset, data_dir = open_data(args, settings, base, base.family == "tiny", rank)
     torch.manual_seed(s.seed)  # the fresh branch's initial weights
     control = build_control(args, settings, base).to(device)
     if args.resume_path:
@@ -255,12 +279,13 @@ def main(argv=None, base=None):
     optimizer = training.make_optimizer(params, s.learning_rate, use_8bit=s.use_8bit_adam)
     scaler = training.grad_scaler(device, s.mixed_precision)
     scheduler = training.training_scheduler(base)
-    encoder = training.BatchEncoder(base, dataset, s.seed, s.prompt_dropout, s.cache, args.max_train_samples,
-                                    s.timestep_sampling)
+    heldout, trainable_items = heldout_pairs(settings, base, dataset, args.eval_seed)
+    encoder = training.BatchEncoder(base, dataset, s.seed, s.prompt_dropout, s.cache,
+                                    min(args.max_train_samples or trainable_items, trainable_items), s.timestep_sampling)
     effective = s.batch_size * s.gradient_accumulation * world
     step = resume(args.resume_from, base, control, optimizer, scaler, effective) if args.resume_from else 0
     validation = list(zip(args.validation_prompt, args.validation_image))
-    log = image_log.RunLog(out, settings, base, control, dataset, validation, stop, args.eval_seed,
+    log = image_log.RunLog(out, settings, base, control, dataset, validation, stop, heldout,
                            resumed_at=step if args.resume_from else None) if rank == 0 else None
     if rank == 0:
         print(f"{preset or 'tiny-SD'} settings ({args.control}): base {args.base} ({base.family}), "
@@ -274,6 +299,7 @@ def main(argv=None, base=None):
 
     autocast = training.autocast(device, s.mixed_precision)
     progress = tqdm(total=s.max_steps, initial=step, disable=rank != 0, unit="step")
+    last_loss = None
     with stop:
         while not stop.should_stop(step, log.evaluation_seconds if log else 0.0, device):
             # one optimizer step over the effective batch: micro-batches of this process, then all processes
@@ -291,19 +317,19 @@ def main(argv=None, base=None):
             if world > 1:
                 training.average_gradients(params, step_loss, world)
             training.optimizer_step(optimizer, scaler, named, s.max_grad_norm, step)
-            step += 1
+            step, last_loss = step + 1, step_loss.item()
 
             progress.update()
-            progress.set_postfix(loss=f"{step_loss.item():.4f}", minutes=f"{stop.minutes():.1f}")
+            progress.set_postfix(loss=f"{last_loss:.4f}", minutes=f"{stop.minutes():.1f}")
             if rank == 0:
-                log.loss(step, step_loss.item(), optimizer.param_groups[0]["lr"])
+                log.loss(step, last_loss, optimizer.param_groups[0]["lr"])
                 log.after_step(step)
             if step % s.checkpoint_every == 0:
                 save(base, control, optimizer, scaler, out, step, effective, s.keep_checkpoints, rank)
     progress.close()
     save(base, control, optimizer, scaler, out, step, effective, s.keep_checkpoints, rank)
     if rank == 0:
-        log.finish(step)
+        log.finish(step, last_loss)
     if world > 1:
         dist.destroy_process_group()
     return dict(control=control, step=step, out=out)

@@ -1,7 +1,9 @@
 """tutorial_train.py as a user meets it: the config block it runs, presets, flags, and the run folder it writes."""
 import json
 
+import numpy as np
 import pytest
+from PIL import Image
 from test_training import tiny_fill50k, train
 from tiny_models import tiny_base
 
@@ -96,3 +98,63 @@ def test_bad_flags_are_refused_where_they_are_parsed(flags, named, capsys):
         tutorial_train.parse_args(flags)
     assert stopped.value.code == 2
     assert named in capsys.readouterr().err
+
+
+def test_edge_f1_evaluation_keeps_its_pairs_out_of_training_and_logs_the_score(data, tmp_path, capsys):
+    """--eval-metric edge-f1 holds out the last 5 % of the user's pairs (1 of 8), trains on 7 and logs edge_f1."""
+    result = train(data, tmp_path / "run", "--max-steps", 1, "--batch-size", 2, "--eval-metric", "edge-f1",
+                   "--eval-every", 1, "--eval-steps", 2)
+    assert "(7 pairs)" in capsys.readouterr().out
+    events = image_log.MetricsLog(result["out"], append=True, keep_until=10 ** 9).events()
+    scores = [e["edge_f1"] for e in events if "edge_f1" in e]
+    assert len(scores) == 2 and all(0.0 <= f <= 1.0 for f in scores)  # step 0 and step 1
+
+
+def test_the_summary_and_plot_mark_the_step_where_control_arrives(tmp_path):
+    """The first evaluation with IoU >= 0.5 is named in the run's last line and marked in metrics.png."""
+    log = image_log.MetricsLog(tmp_path)
+    for step, iou in [(0, 0.27), (250, 0.41), (500, 0.66), (750, 0.81)]:
+        log.write(step=step, loss=0.1, fidelity_iou=iou)
+    assert log.take_off(log.events()) == ("fidelity_iou", 500)
+    assert "IoU 0.270 -> 0.810, first >= 0.5 at step 500; loss 0.1000 -> 0.1000" in log.summary()
+    assert log.plot().is_file()
+
+
+def test_the_final_step_gets_an_image_log_even_between_intervals(data, tmp_path):
+    """With --logger-freq 3 and 4 steps, images are written at steps 0, 3 and the last step, 4."""
+    result = train(data, tmp_path / "run", "--max-steps", 4, "--batch-size", 2, "--logger-freq", 3)
+    logged = sorted(p.name for p in (result["out"] / "image_log").glob("control_gs-*.png"))
+    assert logged == ["control_gs-000000.png", "control_gs-000003.png", "control_gs-000004.png"]
+
+
+def test_a_labelled_grid_has_a_header_row_and_a_label_column(tmp_path):
+    """The held-out grid adds one row of prompts on top and one column of row names on the left."""
+    base = tiny_base()
+    hints = np.zeros((2, 64, 64, 3), np.uint8)
+    path = tmp_path / "grid.png"
+    image_log.log_pairs_grid(base, None, ["a", "b"], hints, path, steps=2, cfg=1.0, targets=hints, hint_name="outline")
+    grid = np.asarray(Image.open(path))
+    assert grid.shape == (4 * 64 + 3 * 2, 3 * 64 + 2 * 2, 3)  # header + outline/sample/target rows, label + 2 columns
+
+
+def own_jsonl(data, tmp_path):
+    """A JSON Lines file of the user's own: the tiny Fill50K images under captions that are not Fill50K prompts."""
+    lines = [json.loads(line) for line in (data / "prompt.json").read_text().splitlines()]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(dict(source=str(data / e["source"]), target=str(data / e["target"]),
+                                            prompt="a photo of a ring")) + "\n" for e in lines))
+    return path
+
+
+def test_a_json_lines_file_of_ones_own_trains_like_a_fill50k_folder(data, tmp_path):
+    """--data takes the JSON Lines layout that dataset_check accepts; without Fill50K captions, evaluation is off."""
+    result = train(own_jsonl(data, tmp_path), tmp_path / "run", "--max-steps", 1, "--batch-size", 2,
+                   "--eval-metric", "none")
+    assert result["step"] == 1
+
+
+def test_fill50k_iou_on_data_that_is_not_fill50k_is_refused_before_training(data, tmp_path):
+    """Asking for Fill50K's IoU on other captions stops up front and names the other metrics."""
+    with pytest.raises(InputError, match=r"pairs\.jsonl is not Fill50K.*--eval-metric edge-f1"):
+        train(own_jsonl(data, tmp_path), tmp_path / "run", "--max-steps", 1, "--eval-every", 5)
+    assert not (tmp_path / "run").exists()

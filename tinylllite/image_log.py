@@ -84,13 +84,17 @@ def log_training_panels(base, control, items: list[dict], step: int, out_dir, st
 
 
 def log_pairs_grid(base, control, prompts: list[str], hints: np.ndarray, path: Path, steps: int, cfg: float,
-                   seed: int = 0, targets: np.ndarray | None = None) -> np.ndarray:
-    """Rows: hint, sample (and target when known); used for the held-out grid and validation pairs."""
+                   seed: int = 0, targets: np.ndarray | None = None, hint_name: str = "hint") -> np.ndarray:
+    """A grid that reads on its own: one column per prompt (written above it), rows labelled on the left:
+    the hint, the sample, and the target when known. Used for the held-out grid and validation pairs."""
     samples = sample(base, prompts, control, hints, steps=steps, cfg=cfg, seed=seed)
-    rows = [row(hints), row(samples)] + ([row(targets)] if targets is not None else [])
-    gap = np.full((2, rows[0].shape[1], 3), 255, np.uint8)
+    size = hints.shape[1]
+    rows = {hint_name: hints, "sample": samples} | ({"target": targets} if targets is not None else {})
+    lines = [row([np.full((size, size, 3), 255, np.uint8)] + [text_panel(p, size) for p in prompts])]
+    lines += [row([text_panel(name, size)] + list(images)) for name, images in rows.items()]
+    gap = np.full((2, lines[0].shape[1], 3), 255, np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_png(np.concatenate([part for r in rows for part in (r, gap)][:-1], axis=0), path)
+    save_png(np.concatenate([part for line in lines for part in (line, gap)][:-1], axis=0), path)
     return samples
 
 
@@ -108,6 +112,11 @@ def evaluate_fidelity(base, control, pairs, steps: int = 20, cfg: float = 9.0, s
         scores += [fill50k_fidelity(image, p.source, p.prompt) for image, p in zip(images, chunk)]
     return {"fidelity_iou": float(np.mean([s["iou"] for s in scores])),
             "colour_error": float(np.mean([s["colour_error"] for s in scores]))}
+
+
+SCORE_NAMES = {"fidelity_iou": "IoU", "colour_error": "colour error", "edge_f1": "edge F1"}
+CONTROL_SCORES = ("fidelity_iou", "edge_f1")  # the number whose jump is the "sudden convergence"
+TAKE_OFF = 0.5  # the score at which control has visibly arrived
 
 
 class MetricsLog:
@@ -131,6 +140,33 @@ class MetricsLog:
     def events(self) -> list[dict]:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
+    @staticmethod
+    def take_off(events: list[dict]) -> tuple[str, int] | None:
+        """(score name, first step at which the control score reached TAKE_OFF), or None while it has not."""
+        for e in events:
+            for name in CONTROL_SCORES:
+                if e.get(name, -1) >= TAKE_OFF:
+                    return name, e["step"]
+        return None
+
+    def summary(self, last_loss: float | None = None) -> str:
+        """One line for the end of a run: when control arrived, the last scores, and the loss beside them."""
+        events = self.events()
+        losses = [e["loss"] for e in events if "loss" in e]
+        scores = [e for e in events if any(k in e for k in CONTROL_SCORES)]
+        parts = []
+        if scores:
+            name = next(k for k in CONTROL_SCORES if k in scores[-1])
+            take_off = self.take_off(events)
+            parts.append(f"{SCORE_NAMES[name]} {scores[0][name]:.3f} -> {scores[-1][name]:.3f}, first >= {TAKE_OFF} at "
+                         f"step {take_off[1]}" if take_off else f"{SCORE_NAMES[name]} {scores[-1][name]:.3f}, "
+                         f"not yet >= {TAKE_OFF}")
+        if losses:
+            parts.append(f"loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+        elif last_loss is not None:
+            parts.append(f"last loss {last_loss:.4f}")
+        return "; ".join(parts) or "nothing logged"
+
     def plot(self) -> Path | None:
         """OUT/metrics.png, one panel per logged number; None (and no file) while nothing is logged yet."""
         events = self.events()
@@ -139,10 +175,16 @@ class MetricsLog:
         if not fields:
             return None
         figure, axes = plt.subplots(len(fields), 1, figsize=(6, 2.2 * max(len(fields), 1)), squeeze=False)
+        take_off = self.take_off(events)
         for axis, name in zip(axes[:, 0], fields):
             points = [(e["step"], e[name]) for e in events if name in e]
             axis.plot(*zip(*points), marker="." if len(points) < 50 else None)
             axis.set_ylabel(name)
+            if take_off:  # the sudden convergence, marked on every panel (the loss barely moves there)
+                axis.axvline(take_off[1], color="tab:red", linewidth=0.8, linestyle="--")
+                if name == take_off[0]:
+                    axis.annotate(f"{SCORE_NAMES[name]} >= {TAKE_OFF} at step {take_off[1]}", (take_off[1], TAKE_OFF),
+                                  textcoords="offset points", xytext=(4, -12), fontsize=8, color="tab:red")
         axes[-1, 0].set_xlabel("optimizer step")
         figure.tight_layout()
         out = self.path.with_suffix(".png")
@@ -158,23 +200,20 @@ class RunLog:
     the image logs and the fidelity evaluations, at the steps the run's settings name."""
 
     def __init__(self, out: Path, settings: dict, base, control, dataset, validation: list[tuple[str, str]], clock,
-                 eval_seed: int, resumed_at: int | None = None):
+                 heldout: list, resumed_at: int | None = None):
         """settings: the run's resolved settings (tutorial_train.py's block); validation: (prompt, hint image path)
-        pairs; clock: has .minutes(); eval_seed: seed of the held-out pairs; resumed_at: the step of the
-        checkpoint a resumed run continues from."""
-        from tinylllite.fidelity import evaluation_pairs
-
+        pairs; clock: has .minutes(); heldout: the evaluation's pairs (Fill50KPair for fill50k-iou, dataset items
+        for edge-f1); resumed_at: the step of the checkpoint a resumed run continues from."""
         self.out, self.s, self.base, self.control, self.dataset = Path(out), settings, base, control, dataset
-        self.validation, self.clock, self.resumed_at = validation, clock, resumed_at
+        self.validation, self.clock, self.heldout, self.resumed_at = validation, clock, heldout, resumed_at
         self.metrics = MetricsLog(out, append=resumed_at is not None, keep_until=resumed_at or 0)
-        size = base.unet.config.sample_size * base.vae_scale_factor
-        self.heldout = evaluation_pairs(settings["eval_pairs"], size, seed=eval_seed) if self.evaluating else []
         self.window: list[float] = []
         self.evaluation_seconds = 0.0
+        self.last_grid = -1
 
     @property
     def evaluating(self) -> bool:
-        return self.s["eval_metric"] == "fill50k-iou" and self.s["eval_every"] > 0
+        return self.s["eval_metric"] != "none" and self.s["eval_every"] > 0 and bool(self.heldout)
 
     def write_config(self, run: dict) -> Path:
         """config.json of a new run (run identity + settings); a resumed run keeps it and writes
@@ -199,16 +238,21 @@ class RunLog:
 
     def evaluate(self, step: int) -> None:
         """Fidelity on held-out pairs with the same `sample` as deployment, under the run's autocast."""
-        started = time.time()
-        with torch.no_grad(), autocast(self.base.device, self.s["mixed_precision"]):
-            scores = evaluate_fidelity(self.base, self.control, self.heldout, steps=self.s["eval_steps"],
-                                       cfg=self.s["eval_cfg"])
+        from tinylllite.edge_fidelity import evaluate_edge_f1
+
+        started, s = time.time(), self.s
+        with torch.no_grad(), autocast(self.base.device, s["mixed_precision"]):
+            if s["eval_metric"] == "fill50k-iou":
+                scores = evaluate_fidelity(self.base, self.control, self.heldout, steps=s["eval_steps"], cfg=s["eval_cfg"])
+            else:
+                scores = evaluate_edge_f1(self.base, self.control, self.heldout, steps=s["eval_steps"],
+                                          cfg=s["eval_cfg"], low=s["canny_low"], high=s["canny_high"])
         self.control.train()
         self.evaluation_seconds = time.time() - started
         self.metrics.write(step=step, minutes=round(self.clock.minutes(), 2), **scores)
         self.metrics.plot()
-        tqdm.write(f"step {step}: IoU {scores['fidelity_iou']:.3f}, colour error {scores['colour_error']:.1f} "
-                   f"({self.evaluation_seconds:.0f} s on {len(self.heldout)} held-out pairs)")
+        shown = ", ".join(f"{SCORE_NAMES[k]} {v:.3f}" for k, v in scores.items())
+        tqdm.write(f"step {step}: {shown} ({self.evaluation_seconds:.0f} s on {len(self.heldout)} held-out pairs)")
 
     def images(self, step: int) -> None:
         """The original's panels for 4 training items, the held-out grid and the user's validation pairs."""
@@ -216,21 +260,24 @@ class RunLog:
         with autocast(base.device, s["mixed_precision"]):
             items = [self.dataset[i] for i in range(min(4, len(self.dataset)))]
             log_training_panels(base, control, items, step, self.out, cfg=9.0, seed=s["seed"])
-            if self.heldout:
+            if self.heldout and s["eval_metric"] == "fill50k-iou":
                 grid = self.heldout[:8]
                 log_pairs_grid(base, control, [p.prompt for p in grid], np.stack([p.source for p in grid]),
                                folder / f"heldout_gs-{step:06d}.png", steps=s["eval_steps"], cfg=s["eval_cfg"],
-                               targets=np.stack([p.target for p in grid]))
+                               targets=np.stack([p.target for p in grid]), hint_name="outline")
             for i, (prompt, image) in enumerate(self.validation):
                 hint = np.asarray(Image.open(image).convert("RGB"))
                 log_pairs_grid(base, control, [prompt], hint[None], folder / f"validation{i}_gs-{step:06d}.png",
                                steps=50, cfg=9.0)
         control.train()
+        self.last_grid = step
 
-    def finish(self, step: int) -> None:
-        """The last evaluation (if the step was not one already) and the final plot."""
+    def finish(self, step: int, last_loss: float | None = None) -> None:
+        """The last evaluation and image log (if this step had none), the final plot, and the run's summary line."""
         if self.evaluating and step % self.s["eval_every"]:
             self.evaluate(step)
+        if self.s["logger_freq"] and self.last_grid != step:
+            self.images(step)
         self.metrics.plot()
-        print(f"stopped at step {step} after {self.clock.minutes():.1f} min; checkpoints in {self.out / 'checkpoints'}, "
-              f"metrics in {self.metrics.path}")
+        print(f"stopped at step {step} after {self.clock.minutes():.1f} min; {self.metrics.summary(last_loss)}; "
+              f"checkpoints in {self.out / 'checkpoints'}, metrics in {self.metrics.path}")

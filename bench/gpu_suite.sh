@@ -46,6 +46,10 @@ time_left 60 && part lever_fused_adamw 60 train_step.py --batch 4 --impls tinyll
     --steps 10 --warmup 3 --no-flops
 time_left 60 && part lever_channels_last 60 train_step.py --batch 4 --impls tinylllite,diffusers --channels-last \
     --steps 10 --warmup 3 --no-flops
+time_left 120 && part lever_e2e_cache 120 train_e2e.py --batch 4 --pairs 256 --steps 30 --warmup 3 --rounds 1 \
+    --loader-workers 0 --tutorial-args="--cache --cache-dir /tmp/bench_cache"
+time_left 120 && part lever_e2e_workers 120 train_e2e.py --batch 4 --pairs 256 --steps 30 --warmup 3 --rounds 1 \
+    --loader-workers 4 --tutorial-args="--data-workers 4"
 time_left 120 && part lever_compile 150 train_step.py --batch 4 --impls tinylllite,diffusers --compile \
     --steps 10 --warmup 5
 echo "suite done after $SECONDS s" | tee -a "$STATUS"

@@ -4,8 +4,8 @@ On a small Fill50K folder written for the run (`tinylllite.fill50k.write_fill50k
 image size), both train a fresh ControlNet and encode every batch afresh (no cache):
 
 - `tinylllite`: `tutorial_train.main([...], base=base)` with evaluation, image log and intermediate
-  checkpoints off. Its rate is (N steps) / (time of a W+N-step run - time of a W-step run), so start-up,
-  warm-up and the final checkpoint cancel out;
+  checkpoints off (`--tutorial-args` adds flags, e.g. `--cache`). Its rate is (N steps) / (time of a
+  W+N-step run - time of a W-step run), so start-up, warm-up and the final checkpoint cancel out;
 - `diffusers`: the loop of diffusers' `examples/controlnet/train_controlnet.py` written out here:
   images decoded by a plain DataLoader in the main process (`num_workers=0`, its default), VAE and CLIP
   run every step in the frozen dtype (the run's half precision on a GPU, fp32 on a CPU),
@@ -21,6 +21,7 @@ by a torch DataLoader with 0 and with 2 workers.
 import argparse
 import contextlib
 import copy
+import shlex
 import sys
 import tempfile
 import time
@@ -136,6 +137,7 @@ def tutorial_seconds(base, data: Path, out: Path, steps: int, args) -> float:
             "--checkpoint-every", "1000000000", "--log-every", "1000000000", "--seed", str(args.seed)]
     if args.threads:
         argv += ["--threads", str(args.threads)]
+    argv += shlex.split(args.tutorial_args)
     start = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):
         result = tutorial_train.main(argv, base=base)
@@ -146,7 +148,10 @@ def tutorial_seconds(base, data: Path, out: Path, steps: int, args) -> float:
 
 
 def tutorial_rate(base, data: Path, scratch: Path, args, round_number: int) -> float:
+    """Steps per second of tutorial_train.py, after an untimed run that fills what persists between runs
+    (CUDA kernels and autotuning, a --cache folder)."""
     warmup = max(args.warmup, 1)  # tutorial_train.py takes at least one step
+    tutorial_seconds(base, data, scratch / f"run{round_number}_priming", warmup, args)
     short = tutorial_seconds(base, data, scratch / f"run{round_number}_short", warmup, args)
     full = tutorial_seconds(base, data, scratch / f"run{round_number}_full", warmup + args.steps, args)
     return args.steps / (full - short)
@@ -186,6 +191,7 @@ def parse_args(argv=None):
     parser.add_argument("--pairs", type=int, default=64, help="Fill50K pairs written for the run")
     parser.add_argument("--data", help="an existing Fill50K folder at the base's image size (default: write one)")
     parser.add_argument("--loader-workers", default="0,2", help="DataLoader workers to compare, comma list")
+    parser.add_argument("--tutorial-args", default="", help="more tutorial_train.py flags, e.g. '--cache' (a lever)")
     return parser.parse_args(argv)
 
 

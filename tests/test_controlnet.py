@@ -134,6 +134,16 @@ def test_gradient_reaches_zero_convs_then_the_copy_then_the_hint_encoder(family)
     assert all(p.grad is None for p in unet.parameters())  # the locked UNet gets none
 
 
+def test_from_unet_returns_a_trainable_copy_even_of_a_frozen_unet():
+    """Like diffusers' ControlNetModel.from_unet: every ControlNet parameter requires grad, the UNet stays frozen."""
+    unet = tiny_unet().requires_grad_(False)
+
+    control = ControlNet.from_unet(unet)
+
+    assert all(p.requires_grad for p in control.parameters())
+    assert not any(p.requires_grad for p in unet.parameters())
+
+
 def test_sd_unlocked_trains_exactly_the_unet_decoder():
     """sd_locked=False adds up_blocks, conv_norm_out and conv_out; the rest of the UNet stays frozen, grad None."""
     config = tiny_sd15_unet_config()
@@ -275,7 +285,7 @@ def test_sd15_controlnet_new_layers_and_residual_channels_match_the_original():
 
 
 def ldm_control_name(key: str, unet_config, hint_blocks: int) -> str:
-    """Our (= diffusers') ControlNet key -> the original `control_model.` key (SPEC §6)."""
+    """Our (= diffusers') ControlNet key -> the original `control_model.` key (cldm.py's module names)."""
     if key.startswith("controlnet_down_blocks."):
         index, param = key.split(".")[1:]
         return f"zero_convs.{index}.0.{param}"

@@ -15,11 +15,11 @@ import tool_add_control as tool
 from test_sd_loading import pattern, sdxl_meta_ldm
 from test_tool_add_control import tiny_ldm_checkpoint
 from tiny_models import tiny_base, tiny_unet
-from tinylllite import ldm_format as lf
 from tinylllite.base import StableDiffusionBase
 from tinylllite.control_io import load_any_control, save_controlnet
 from tinylllite.controlnet import ControlNet
 from tinylllite.convert import convert, main
+from tinylllite.errors import run_command
 from tinylllite.lllite_unet import attach_lllite
 from tinylllite.sd_loading import base_from_ldm
 
@@ -150,9 +150,10 @@ def test_bad_conversions_are_refused_and_leave_files_alone(tmp_path, capsys):
              (tmp_path / "bert.safetensors", "original", "not a control checkpoint"),
              (tmp_path / "absent.safetensors", "original", "no such file")]
     for src, to, message in cases:
-        assert main([str(src), str(tmp_path / "new.safetensors"), "--to", to]) == 1
+        assert run_command("convert", main, [str(src), str(tmp_path / "new.safetensors"), "--to", to]) == 1
         assert message in capsys.readouterr().err and not (tmp_path / "new.safetensors").exists()
-    assert main([str(tmp_path / "control.safetensors"), str(tmp_path / "exists.safetensors"), "--to", "original"]) == 1
+    assert run_command("convert", main, [str(tmp_path / "control.safetensors"), str(tmp_path / "exists.safetensors"),
+                                          "--to", "original"]) == 1
     assert (tmp_path / "exists.safetensors").read_bytes() == b"keep"
 
 

@@ -18,7 +18,7 @@ def test_hint_encoder_layers_follow_the_original_channels_and_strides():
 
     assert conv_channels(encoder) == [(3, 16, 1), (16, 16, 1), (16, 32, 2), (32, 32, 1), (32, 96, 2),
                                       (96, 96, 1), (96, 256, 2), (256, 320, 1)]
-    assert sum(p.numel() for p in encoder.parameters()) == 1_086_480  # SPEC §2, SD1.5
+    assert sum(p.numel() for p in encoder.parameters()) == 1_086_480  # SD1.5's input_hint_block in control_sd15_ini.ckpt
 
 
 def test_factor_4_hint_encoder_drops_the_last_stride_2_stage():
@@ -78,7 +78,7 @@ def test_hint_of_wrong_channels_size_or_range_raises_a_clear_error(hint, message
         encoder(hint)
 
 
-def test_unsupported_vae_factor_raises():
+def test_unsupported_vae_scale_factor_raises():
     """A VAE factor that is not 2, 4 or 8 cannot be reached by stride-2 stages of the original encoder."""
     with pytest.raises(ValueError, match="supports factors 2, 4 and 8"):
         HintEncoder(vae_scale_factor=16)

@@ -9,6 +9,8 @@ from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from tinylllite import ldm_format as lf
+from tinylllite.errors import InputError
+from tinylllite.identify import unet_family
 from tinylllite.sd_loading import family_config
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -85,14 +87,14 @@ def test_sdxl_attention_modules_get_kohyas_ldm_paths():
     assert len(modules) == 136 and all(mapped[row["diffusers_path"]] == row["ldm_path"] for row in modules)
 
 
-def test_detect_family_reads_the_cross_attention_width():
+def test_unet_family_reads_the_cross_attention_width():
     """768 -> SD1, 1024 -> SD2, 2048 -> SDXL; anything else or no attention is refused."""
     key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
-    assert [lf.detect_family({key: (320, w)}) for w in (768, 1024, 2048)] == ["sd1", "sd2", "sdxl"]
-    with pytest.raises(ValueError, match="width 512"):
-        lf.detect_family({key: (320, 512)})
-    with pytest.raises(ValueError, match="not a Stable Diffusion"):
-        lf.detect_family({"encoder.weight": (3, 3)})
+    assert [unet_family({key: (320, w)}) for w in (768, 1024, 2048)] == ["sd1", "sd2", "sdxl"]
+    with pytest.raises(InputError, match="width 512"):
+        unet_family({key: (320, 512)})
+    with pytest.raises(InputError, match="not a Stable Diffusion"):
+        unet_family({"encoder.weight": (3, 3)})
 
 
 def test_missing_and_unexpected_ldm_keys_are_named():

@@ -10,7 +10,9 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from tinylllite import ldm_format as lf
-from tinylllite.sd_loading import base_from_ldm, family_config, load_base, open_state_dict
+from tinylllite.errors import InputError
+from tinylllite.sd_loading import base_from_ldm, family_config, load_base
+from tinylllite.state_dicts import open_state_dict
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SD15_PARTS = ("unet", "vae", "text_encoder")
@@ -136,7 +138,7 @@ def test_diffusers_folder_loads_offline(tmp_path):
 
 def test_files_that_are_not_sd_checkpoints_are_refused(tmp_path):
     """A missing file, an unknown suffix and a non-SD state dict each fail with a message saying so."""
-    with pytest.raises(FileNotFoundError, match="no such file"):
+    with pytest.raises(InputError, match="no such file"):
         load_base(tmp_path / "absent.ckpt")
     (tmp_path / "weights.onnx").write_bytes(b"0")
     with pytest.raises(ValueError, match="unknown checkpoint type"):

@@ -15,7 +15,9 @@ import tool_add_control as tool
 from test_sd_loading import POSITION_IDS, pattern, sd15_ldm_shapes
 from tinylllite import ldm_format as lf
 from tinylllite.controlnet import ControlNet
-from tinylllite.sd_loading import load_base, open_state_dict
+from tinylllite.errors import InputError, run_command
+from tinylllite.sd_loading import check_sd_parts, family_config, load_base
+from tinylllite.state_dicts import open_state_dict
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ROOT = Path(__file__).parent.parent
@@ -75,18 +77,19 @@ def test_existing_output_is_refused_and_left_untouched(tmp_path, capsys):
     src, out = tmp_path / "in.ckpt", tmp_path / "out.ckpt"
     torch.save(tiny_ldm_checkpoint(False), src)
     out.write_bytes(b"precious")
-    assert tool.main([str(src), str(out)]) == 1
+    assert run_command("tool_add_control", tool.main, [str(src), str(out)]) == 1
     assert out.read_bytes() == b"precious" and "refusing to overwrite" in capsys.readouterr().err
 
 
 def test_non_sd_and_already_controlled_files_are_refused(tmp_path, capsys):
     """A state dict without an SD UNet, or one that already has control_model.*, is refused clearly."""
     save_file({"encoder.layer.weight": torch.zeros(2)}, tmp_path / "bert.safetensors")
-    assert tool.main([str(tmp_path / "bert.safetensors"), str(tmp_path / "a.safetensors")]) == 1
+    argv = [str(tmp_path / "bert.safetensors"), str(tmp_path / "a.safetensors")]
+    assert run_command("tool_add_control", tool.main, argv) == 1
     assert "not a Stable Diffusion checkpoint" in capsys.readouterr().err
     torch.save(tiny_ldm_checkpoint(False), tmp_path / "in.ckpt")
     tool.add_control(tmp_path / "in.ckpt", tmp_path / "ini.ckpt")
-    assert tool.main([str(tmp_path / "ini.ckpt"), str(tmp_path / "b.ckpt")]) == 1
+    assert run_command("tool_add_control", tool.main, [str(tmp_path / "ini.ckpt"), str(tmp_path / "b.ckpt")]) == 1
     assert "already holds a ControlNet" in capsys.readouterr().err
     assert not (tmp_path / "a.safetensors").exists() and not (tmp_path / "b.ckpt").exists()
 
@@ -99,20 +102,27 @@ def test_summary_is_a_few_lines_not_one_per_key(tmp_path, capsys):
     assert len(lines) == 4 and "EMA" in lines[1] and "copied" in lines[2] and "new    42" in lines[3]
 
 
+def sd_vae_on_meta(family: str) -> dict[str, torch.Tensor]:
+    """The family's VAE under its LDM names, as meta tensors (shapes only, no memory)."""
+    from diffusers import AutoencoderKL
+    with torch.device("meta"):
+        vae = AutoencoderKL(**family_config(family)["vae"])
+    return lf.to_ldm(vae.state_dict(), lf.vae_names(vae.state_dict(), vae.config), lf.VAE_PREFIX, vae=True)
+
+
 def test_sd21_layout_gets_exactly_the_control_sd21_keys():
     """An SD2.1 UNet (meta tensors) gets control_model.* names and shapes equal to control_sd21_ini's."""
     shapes = json.loads((FIXTURES / "ldm_sd21_unet_keys.json").read_text())
-    sd = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
-    sd |= {f"{lf.VAE_PREFIX}encoder.down.{i}.block.0.conv1.bias": torch.empty(1, device="meta") for i in range(4)}
-    assert tool.check_sd_checkpoint({k: tuple(v.shape) for k, v in sd.items()}, "sd21") == "sd2"
+    sd = {k: torch.empty(s, device="meta") for k, s in shapes.items()} | sd_vae_on_meta("sd2")
+    check_sd_parts({k: tuple(v.shape) for k, v in sd.items()}, "sd2", "sd21")  # complete UNet and VAE: no error
     _, copied, new = tool.with_control(sd)
     control = {k: list(v.shape) for k, v in {**copied, **new}.items()}
     assert control == json.loads((FIXTURES / "control_sd21_keys.json").read_text())
 
 
-def shape_only_sd_file(path, cross_width: int, conv_in=(320, 4, 3, 3)) -> None:
+def shape_only_sd_file(path, cross_width: int, conv_in=(320, 4, 3, 3), dtype=torch.float32) -> None:
     """The few tensors --lllite reads: conv_in, one cross-attention k, and the VAE's four levels."""
-    tensors = {lf.UNET_PREFIX + "input_blocks.0.0.weight": torch.zeros(conv_in),
+    tensors = {lf.UNET_PREFIX + "input_blocks.0.0.weight": torch.zeros(conv_in, dtype=dtype),
                lf.UNET_PREFIX + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(1, cross_width)}
     tensors |= {f"{lf.VAE_PREFIX}encoder.down.{i}.block.0.conv1.bias": torch.zeros(1) for i in range(4)}
     save_file(tensors, path)
@@ -137,6 +147,30 @@ def test_lllite_mode_on_sd15_wraps_the_input_blocks(tmp_path):
     shape_only_sd_file(tmp_path / "sd15.safetensors", 768)
     summary = tool.add_lllite(tmp_path / "sd15.safetensors", tmp_path / "l.safetensors", 32, 64)
     assert (summary["family"], summary["modules"], summary["params"]) == ("sd1", 24, 2612992)
+
+
+def test_lllite_mode_keeps_the_precision_of_the_base(tmp_path):
+    """An fp16 SD1.5 file gets an fp16 LLLite file (kohya's released files are half precision too)."""
+    shape_only_sd_file(tmp_path / "sd15_fp16.safetensors", 768, dtype=torch.float16)
+    summary = tool.add_lllite(tmp_path / "sd15_fp16.safetensors", tmp_path / "l.safetensors", 32, 64)
+    written = load_file(tmp_path / "l.safetensors")
+    assert summary["dtype"] == "float16" and {v.dtype for v in written.values()} == {torch.float16}
+
+
+def test_an_sd_file_missing_unet_tensors_or_its_vae_is_refused(tmp_path, capsys):
+    """38 UNet tensors gone, or the whole VAE gone: exit 1 with one line that says how many and what, no output."""
+    shapes = json.loads((FIXTURES / "ldm_sd21_unet_keys.json").read_text())
+    complete = {k: tuple(s) for k, s in shapes.items()} | {k: tuple(v.shape) for k, v in sd_vae_on_meta("sd2").items()}
+    unet_keys = [k for k in complete if k.startswith(lf.UNET_PREFIX)]
+    with pytest.raises(InputError, match="38 of the 686 UNet tensors of an SD2.x checkpoint are missing"):
+        check_sd_parts({k: v for k, v in complete.items() if k not in unet_keys[:38]}, "sd2", "sd21.ckpt")
+    with pytest.raises(InputError, match="has no VAE"):
+        check_sd_parts({k: complete[k] for k in unet_keys}, "sd2", "sd21.ckpt")
+    sd = tiny_ldm_checkpoint(False)
+    save_file({k: v for k, v in sd.items() if not k.startswith(lf.VAE_PREFIX)}, tmp_path / "no_vae.safetensors")
+    argv = [str(tmp_path / "no_vae.safetensors"), str(tmp_path / "o.ckpt")]
+    assert run_command("tool_add_control", tool.main, argv) == 1
+    assert "no_vae.safetensors" in capsys.readouterr().err and not (tmp_path / "o.ckpt").exists()
 
 
 def write_full_size_sd15(path) -> dict[str, list[int]]:

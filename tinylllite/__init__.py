@@ -2,4 +2,32 @@
 
 Each file holds one idea and reads top to bottom; import the one you need, e.g.
 `from tinylllite.controlnet import ControlNet` or `from tinylllite.lllite_unet import attach_lllite`.
+
+Reading order:
+
+1. The two branches
+   hint.py            the hint encoder and the one check of a control image (RGB, [0, 1])
+   controlnet.py      ControlNet: the trainable encoder copy, zero convs, residuals into the UNet
+   lllite.py          one LLLite module and LLLiteLinear, y = W (x + Δ) + b
+   lllite_unet.py     LLLite modules placed in a diffusers UNet; kohya's file format
+   control_branch.py  the one switch between the two (training, sampling and checkpoints ask it)
+2. The base they control
+   base.py            StableDiffusionBase: UNet, VAE, text encoders, SD's noise schedule
+   tokenizer.py       the CLIP tokenizer, offline
+   tiny_sd.py         the tiny SD shipped with the package, trainable on a CPU
+3. Training and sampling
+   training.py        the pieces of one training step
+   sample.py          images from a base (+ branch): DDIM / UniPC, CFG, the control knobs
+   image_log.py       the image log and metrics of a run
+   datasets.py, fill50k.py, canny.py, kohya_toml.py, dataset_check.py, fidelity.py, nan_guard.py
+4. Files on disk
+   state_dicts.py     opening and writing weight files, atomically; unreadable files refused
+   identify.py        what a file or folder holds: layout, branch or base, SD family
+   naming.py          diffusers UNet module paths in the original (LDM) names
+   ldm_format.py      state-dict names between the original single-file layout and diffusers
+   sd_loading.py      an SD base from an original file or a diffusers folder
+   control_io.py      any control file into a branch; the metadata this project writes
+   checkpoint.py      training checkpoints: save, resume, load
+   convert.py         `python -m tinylllite.convert`: between original, diffusers and kohya layouts
+   errors.py          how user mistakes are reported
 """

@@ -1,13 +1,18 @@
 """A Stable Diffusion base model: the frozen parts a control branch is trained on.
 
 Every base the project handles (SD1.x, SD2.x, SDXL, and the tiny SD it ships) is the same four
-diffusers/transformers parts. This dataclass holds them together with the two facts that differ
+diffusers/transformers parts. This dataclass holds them together with the facts that differ
 per family and that training and sampling must get right:
 
-- how a prompt becomes the UNet's `encoder_hidden_states` (SPEC §3: SD1 reads CLIP's last hidden
-  state; SD2 and SDXL the penultimate layer; SDXL concatenates two encoders and also passes the
-  pooled embedding plus six size/crop numbers as `added_cond_kwargs`);
-- how latents are scaled (`vae.config.scaling_factor`, 0.18215 for SD1/SD2, 0.13025 for SDXL).
+- how a prompt becomes the UNet's `encoder_hidden_states`: SD1 reads CLIP's last hidden state
+  (ldm/modules/encoders/modules.py, `FrozenCLIPEmbedder`); SD2 the penultimate layer of OpenCLIP
+  (`FrozenOpenCLIPEmbedder`, layer="penultimate"); SDXL concatenates the penultimate layers of two
+  encoders and also passes the pooled embedding plus six size/crop numbers as `added_cond_kwargs`
+  (Podell et al. 2023, "SDXL", sec. 2.2; diffusers' StableDiffusionXLPipeline);
+- how latents are scaled (`vae.config.scaling_factor`, 0.18215 for SD1/SD2, 0.13025 for SDXL);
+- the noise schedule the UNet was trained with: `SD_NOISE_SCHEDULE` below for every released SD
+  (the `linear_start`, `linear_end`, `timesteps` of the original v1-inference.yaml), which a base's
+  own scheduler config may override.
 
 Left out: SDXL's refiner (one text encoder, aesthetic-score time ids) and per-sample crop/size time
 ids (every sample is taken as uncropped at its own size).
@@ -20,6 +25,9 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 FAMILIES = ("sd1", "sd2", "sdxl", "tiny")
+# The DDPM schedule of every SD1.x/SD2.x/SDXL UNet: 1000 steps, betas "scaled linear" (linear in sqrt(beta))
+# from 0.00085 to 0.012, as diffusers' DDPMScheduler names them.
+SD_NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 OPENCLIP_LAYERS = 24  # SD2's text encoder, OpenCLIP ViT-H/14
 
 
@@ -33,7 +41,7 @@ class StableDiffusionBase:
     text_encoder_2: CLIPTextModelWithProjection | None = None  # SDXL only
     tokenizer_2: CLIPTokenizer | None = None  # SDXL only
     prediction_type: str = "epsilon"  # "epsilon" or "v_prediction"
-    scheduler_config: dict = field(default_factory=dict)  # training noise schedule (SPEC §3)
+    scheduler_config: dict = field(default_factory=dict)  # overrides of SD_NOISE_SCHEDULE, e.g. from a folder
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -45,6 +53,12 @@ class StableDiffusionBase:
     def vae_scale_factor(self) -> int:
         """Image pixels per latent pixel: 2 ** (number of VAE levels - 1), 8 for every SD."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def noise_schedule_config(self) -> dict:
+        """The schedule the UNet was trained with (SD's, overridden by the base's own), with its prediction type:
+        what diffusers' DDPMScheduler / DDIMScheduler `from_config` take."""
+        return {**SD_NOISE_SCHEDULE, **self.scheduler_config, "prediction_type": self.prediction_type}
 
     @property
     def latent_scale(self) -> float:

@@ -4,7 +4,9 @@ The original saves the whole ControlLDM every time (5.7 GB for SD1.5, base weigh
 pickle). Here a checkpoint is a folder `OUT/checkpoints/step_0001200/` holding
 
 - `control.safetensors`: the branch in its own key layout (ControlNet: diffusers' ControlNetModel
-  keys; LLLite: kohya's `lllite_unet_*` keys), loadable by `load_control` or other tools;
+  keys; LLLite: kohya's `lllite_unet_*` keys) with the metadata of every control file this project
+  writes (`control_io.branch_metadata`), so `control_io.load_control_weights`, `load_control` and
+  `python -m tinylllite.convert` read it like any shared file;
 - `unet_decoder.safetensors`: the unlocked UNet decoder (only when `sd_locked=False`);
 - `training_state.pt`: optimizer, loss scaler, RNG, step and data position (read with
   `torch.load(weights_only=True)`, so loading executes no code).
@@ -12,16 +14,16 @@ pickle). Here a checkpoint is a folder `OUT/checkpoints/step_0001200/` holding
 Writes are atomic: the folder is assembled as `step_N.tmp/` and renamed in one `os.replace`, so a run
 killed mid-save leaves the previous checkpoint intact. Only the last K are kept.
 """
-import os
 import re
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from tinylllite.base import StableDiffusionBase
-from tinylllite.control_branch import control_kind
+from tinylllite.control_branch import branch_state_dict, load_branch_state_dict
+from tinylllite.control_io import load_any_control
+from tinylllite.state_dicts import atomic_folder, open_state_dict, save_state_dict
 
 STEP_DIR = re.compile(r"^step_(\d{7})$")
 STATE_FILE = "training_state.pt"
@@ -29,20 +31,11 @@ STATE_FILE = "training_state.pt"
 
 def trainable_weights(base: StableDiffusionBase, control) -> dict[str, dict[str, torch.Tensor]]:
     """{file stem: tensors} of everything trained: the branch, plus the UNet decoder if it was unlocked."""
-    kind = control_kind(control)
-    branch = control.state_dict() if kind == "controlnet" else control.kohya_state_dict()
+    branch = branch_state_dict(control)
     branch_ids = {id(p) for p in control.parameters()}
     decoder = {n: p for n, p in base.unet.named_parameters() if p.requires_grad and id(p) not in branch_ids}
     files = {"control": branch} | ({"unet_decoder": decoder} if decoder else {})
     return {stem: {k: v.detach().cpu().contiguous() for k, v in tensors.items()} for stem, tensors in files.items()}
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def list_checkpoints(run_dir) -> list[Path]:
@@ -55,21 +48,20 @@ def list_checkpoints(run_dir) -> list[Path]:
 
 
 def save_checkpoint(run_dir, step: int, weights: dict[str, dict[str, torch.Tensor]], state: dict,
-                    keep_last: int = 3) -> Path:
-    """Write step_N/ atomically (tmp folder, then rename), then delete all but the newest `keep_last`."""
-    root = Path(run_dir) / "checkpoints"
-    final, tmp = root / f"step_{step:07d}", root / f"step_{step:07d}.tmp"
+                    keep_last: int = 3, metadata: dict[str, str] | None = None) -> Path:
+    """Write step_N/ atomically (tmp folder, then rename), then delete all but the newest `keep_last`.
+
+    `metadata` (from `control_io.branch_metadata(base, control)`) goes into control.safetensors, so the
+    checkpoint converts and loads like any control file; every file also records its step.
+    """
+    final = Path(run_dir) / "checkpoints" / f"step_{step:07d}"
     if final.exists():  # e.g. Ctrl-C right after the periodic save of the same step
         return final
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for stem, tensors in weights.items():
-        save_file(tensors, tmp / f"{stem}.safetensors", metadata={"format": "pt", "step": str(step)})
-    torch.save(state, tmp / STATE_FILE)
-    for file in tmp.iterdir():
-        _fsync(file)
-    os.replace(tmp, final)
-    _fsync(root)
+    with atomic_folder(final) as tmp:
+        for stem, tensors in weights.items():
+            extra = metadata if stem == "control" else None
+            save_state_dict(tensors, tmp / f"{stem}.safetensors", {**(extra or {}), "format": "pt", "step": str(step)})
+        torch.save(state, tmp / STATE_FILE)
     for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old)
     return final
@@ -90,16 +82,13 @@ def resolve_checkpoint(path) -> Path:
 def load_checkpoint(path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
     """(weights by file stem, training state) of a checkpoint folder or of a run's newest checkpoint."""
     folder = resolve_checkpoint(path)
-    weights = {f.name.removesuffix(".safetensors"): load_file(f) for f in folder.glob("*.safetensors")}
+    weights = {f.name.removesuffix(".safetensors"): dict(open_state_dict(f)) for f in folder.glob("*.safetensors")}
     return weights, torch.load(folder / STATE_FILE, weights_only=True)
 
 
 def load_trainable(base: StableDiffusionBase, control, weights: dict[str, dict[str, torch.Tensor]]) -> None:
     """Put checkpointed weights back into the branch (and the unlocked decoder); every key must match."""
-    if control_kind(control) == "controlnet":
-        control.load_state_dict(weights["control"])
-    else:
-        control.load_kohya_state_dict(weights["control"])
+    load_branch_state_dict(control, weights["control"])
     if "unet_decoder" in weights:
         unexpected = base.unet.load_state_dict(weights["unet_decoder"], strict=False).unexpected_keys
         if unexpected:
@@ -112,14 +101,12 @@ def load_control(base: StableDiffusionBase, path):
     Reading and checking the weights is `control_io.load_any_control`'s job (every layout, the family
     check); a checkpoint folder adds only its `unet_decoder.safetensors` when the run was unlocked.
     """
-    from tinylllite.control_io import load_any_control
-
     path = Path(path)
     if not (path / STATE_FILE).is_file() and not list_checkpoints(path):
         return load_any_control(path, base)  # a control file, or a diffusers ControlNet folder
     folder = resolve_checkpoint(path)
     control = load_any_control(folder / "control.safetensors", base)
     if (folder / "unet_decoder.safetensors").is_file():
-        load_trainable(base, control, {"control": control.state_dict(),
-                                       "unet_decoder": load_file(folder / "unet_decoder.safetensors")})
+        load_trainable(base, control, {"control": branch_state_dict(control),
+                                       "unet_decoder": dict(open_state_dict(folder / "unet_decoder.safetensors"))})
     return control.to(base.device, base.unet.dtype).eval()

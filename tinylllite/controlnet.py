@@ -146,6 +146,9 @@ class ControlNet(nn.Module):
         mid_channels = unet.mid_block.resnets[-1].out_channels
         self.controlnet_mid_block = zero_conv(mid_channels, weight.device, weight.dtype)
         self.mid_block = copy.deepcopy(unet.mid_block)
+        # The copy is the trainable one even when the UNet it came from is frozen (deepcopy would keep
+        # requires_grad=False): diffusers' ControlNetModel.from_unet also returns fresh, trainable parameters.
+        self.requires_grad_(True)
 
     @classmethod
     def from_unet(cls, unet, hint_channels: int = 3, vae_scale_factor: int = 8) -> "ControlNet":

@@ -14,8 +14,9 @@ H x W pixels comes out on the latent grid H/8 x W/8. For a factor-4 VAE the last
 The paper (Zhang et al. 2023, sec. 3.3) describes "a tiny network E(.) of four convolution layers with
 4 x 4 kernels and 2 x 2 strides"; the released code and weights use the deeper encoder above instead.
 
-The last conv starts at zero, so an untrained hint encoder outputs exactly zero. Left out: diffusers'
-`bgr` channel-order option (hints here are always RGB).
+The last conv starts at zero, so an untrained hint encoder outputs exactly zero. `check_hint` is the
+one check of a control image in the package (ControlNet's encoder, LLLite's conditioning and the
+sampler all call it). Left out: diffusers' `bgr` channel-order option (hints here are always RGB).
 """
 
 import math
@@ -39,6 +40,34 @@ def hint_stage_channels(vae_scale_factor: int) -> tuple[int, ...]:
     return STAGE_CHANNELS[: int(stages) + 1]
 
 
+def check_hint(hint: torch.Tensor, channels: int = 3, vae_scale_factor: int | None = None) -> None:
+    """The one check of a control image, for ControlNet and LLLite alike: (B, channels, H, W), values in [0, 1].
+
+    With `vae_scale_factor`, H and W must also be multiples of it, so the hint lands exactly on the latent
+    grid. Raises a ValueError that says what is wrong and how to fix it.
+    """
+    if hint.ndim != 4 or hint.shape[1] != channels:
+        raise ValueError(
+            f"hint has shape {tuple(hint.shape)}; expected (B, {channels}, H, W) RGB, channels first "
+            f"(an HWC image needs .permute(0, 3, 1, 2))"
+        )
+    height, width = hint.shape[-2:]
+    f = vae_scale_factor
+    if f and (height % f or width % f):
+        raise ValueError(
+            f"hint is {height}x{width} pixels; both sides must be multiples of the VAE factor {f} so that it "
+            f"lands exactly on the latent grid (resize or crop it to {height // f * f}x{width // f * f})"
+        )
+    if hint.is_meta or hint.numel() == 0:
+        return
+    low, high = hint.min().item(), hint.max().item()
+    if low < -RANGE_TOLERANCE or high > 1 + RANGE_TOLERANCE:
+        raise ValueError(
+            f"hint values lie in [{low:.3g}, {high:.3g}]; control images are RGB in [0, 1] "
+            f"(divide uint8 images by 255; map [-1, 1] images with (x + 1) / 2)"
+        )
+
+
 class HintEncoder(nn.Module):
     """Control image (B, 3, H, W) in [0, 1] -> feature map (B, C0, H/f, W/f), zero at initialisation."""
 
@@ -60,31 +89,8 @@ class HintEncoder(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    def check_hint(self, hint: torch.Tensor) -> None:
-        """Raise a ValueError that says what is wrong with `hint` and how to fix it."""
-        if hint.ndim != 4 or hint.shape[1] != self.hint_channels:
-            raise ValueError(
-                f"hint has shape {tuple(hint.shape)}; expected (B, {self.hint_channels}, H, W), channels first "
-                f"(an HWC image needs .permute(0, 3, 1, 2))"
-            )
-        height, width = hint.shape[-2:]
-        f = self.vae_scale_factor
-        if height % f or width % f:
-            raise ValueError(
-                f"hint is {height}x{width} pixels; both sides must be multiples of the VAE factor {f} so that it "
-                f"lands exactly on the latent grid (resize or crop it to {height // f * f}x{width // f * f})"
-            )
-        if hint.is_meta or hint.numel() == 0:
-            return
-        low, high = hint.min().item(), hint.max().item()
-        if low < -RANGE_TOLERANCE or high > 1 + RANGE_TOLERANCE:
-            raise ValueError(
-                f"hint values lie in [{low:.3g}, {high:.3g}]; ControlNet hints are RGB in [0, 1] "
-                f"(divide uint8 images by 255; map [-1, 1] images with (x + 1) / 2)"
-            )
-
     def forward(self, hint: torch.Tensor) -> torch.Tensor:
-        self.check_hint(hint)
+        check_hint(hint, self.hint_channels, self.vae_scale_factor)
         hint = hint.to(self.conv_in.weight.dtype)  # a float32 hint may meet a half-precision encoder
         h = F.silu(self.conv_in(hint))  # (B, 3, H, W) -> (B, 16, H, W)
         for conv in self.blocks:

@@ -12,7 +12,8 @@ An original Stable Diffusion file is one flat dict with a prefix per part (Contr
 
 Every map here is built from the diffusers parameter names of a model (or of a model built on the meta
 device from its config), never from a table of layer indices: `tinylllite.naming` counts the UNet's
-layers, this file adds the ControlNet extras (SPEC §6), the VAE and the text encoders. The SD1.5 maps
+layers, this file adds the three parts `cldm.py` gives a ControlNet beyond the copied encoder
+(`input_hint_block`, `zero_convs`, `middle_block_out`), the VAE and the text encoders. The SD1.5 maps
 equal the keymap checked against diffusers' own converters (tests/test_ldm_format.py), tensor for tensor.
 
 Three places change a tensor, not only its name: the VAE's middle attention is a 1x1 conv in LDM and
@@ -36,23 +37,13 @@ VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = {"sd1": "cond_stage_model.transformer.text_model.", "sdxl": "conditioner.embedders.0.transformer.text_model."}
 OPENCLIP_PREFIX = {"sd2": "cond_stage_model.model.", "sdxl": "conditioner.embedders.1.model."}
 EMA_PREFIX = "model_ema."
-CROSS_WIDTH_TO_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl"}  # text width each UNet attends to (SPEC §3)
-
-
-def detect_family(keys_and_shapes: dict[str, tuple[int, ...]], prefix: str = UNET_PREFIX) -> str:
-    """'sd1' / 'sd2' / 'sdxl' from the width of the first cross-attention key under `prefix`."""
-    widths = [shape[1] for key, shape in keys_and_shapes.items()
-              if key.startswith(prefix) and key.endswith("attn2.to_k.weight")]
-    if not widths:
-        raise ValueError(f"no cross-attention weights (`{prefix}...attn2.to_k.weight`) found: "
-                         f"this is not a Stable Diffusion UNet or ControlNet")
-    if widths[0] not in CROSS_WIDTH_TO_FAMILY:
-        raise ValueError(f"cross-attention width {widths[0]} matches no family (768 SD1.x, 1024 SD2.x, 2048 SDXL)")
-    return CROSS_WIDTH_TO_FAMILY[widths[0]]
 
 
 def ema_name(key: str) -> str:
-    """`model.diffusion_model.input_blocks.0.0.weight` -> `model_ema.diffusion_modelinput_blocks00weight` (SPEC §4)."""
+    """`model.diffusion_model.input_blocks.0.0.weight` -> `model_ema.diffusion_modelinput_blocks00weight`.
+
+    LDM's `LitEma` (ldm/modules/ema.py) stores each EMA copy under the parameter's name with the dots removed.
+    """
     return EMA_PREFIX + key.removeprefix("model.").replace(".", "")
 
 
@@ -70,8 +61,8 @@ def unet_names(diffusers_keys, unet_config: dict) -> dict[str, str]:
 
 
 def controlnet_names(diffusers_keys, unet_config: dict | None) -> dict[str, str]:
-    """The UNet encoder names plus the three ControlNet extras of SPEC §6 (`unet_config=None` when
-    `diffusers_keys` hold only extras, e.g. a fresh hint encoder).
+    """The UNet encoder names plus cldm.py's three extras: `input_hint_block`, `zero_convs` and
+    `middle_block_out` (`unet_config=None` when `diffusers_keys` hold only extras, e.g. a fresh hint encoder).
 
     LDM's `input_hint_block` is one Sequential of convs with a SiLU after each but the last, so conv k
     sits at index 2k: conv_in is conv 0, `blocks.j` conv j + 1, conv_out the last one.

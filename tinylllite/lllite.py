@@ -1,12 +1,13 @@
 """The ControlNet-LLLite module: a tiny conditioning MLP that nudges the input of one Linear layer.
 
 Mirrors `LLLiteModule` of kohya's sd-scripts (`networks/control_net_lllite.py`), maths and saved key
-names unchanged so kohya's files load and give kohya's outputs (SPEC §5). One module sits in front
-of one Linear of the UNet's attention (`attn1.to_q/k/v`, `attn2.to_q`, see lllite_unet.py):
+names unchanged so kohya's files load and give kohya's outputs. One module sits in front of one
+Linear of the UNet's attention (`attn1.to_q/k/v`, `attn2.to_q`, chosen in lllite_unet.py), and
+`LLLiteLinear` at the end of this file is that Linear:
 
     emb = flatten(conditioning1(image))                    # once per conditioning image
     Δ   = up(mid(cat([emb, down(x)], -1))) · multiplier    # the embedding comes FIRST
-    y   = wrapped(x + Δ)                                   # Δ moves the layer's INPUT
+    y   = W (x + Δ) + b                                    # Δ moves the wrapped layer's INPUT
 
 With C = cond_emb_dim, M = mlp_dim and `in` = the wrapped layer's in_features:
 `conditioning1` is a stack of unpadded convs whose kernel equals their stride, so an image of side S
@@ -19,7 +20,8 @@ Differences from kohya, all deliberate:
 - depth 4 (image/64, the middle block of SD1.5/SD2.x) is this project's own; kohya stops at 3.
 - images enter the public API in [0, 1] like ControlNet's hint; `to_kohya_range` below is the one
   place that maps them to the [−1, 1] kohya trained on. `LLLiteModule.embed` takes [−1, 1].
-- no module-level flags, no patched forward: the module returns Δ and the wrapping Linear adds it.
+- no module-level flags, no patched forward: the module returns Δ and `LLLiteLinear`, a real
+  nn.Linear holding the module as its child, adds it (kohya replaces the Linear's `forward`).
 Left out: kohya's experimental variants (other insertion points, batch_cond_only, etc.).
 """
 
@@ -28,6 +30,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from tinylllite.hint import check_hint
 
 # Kernel (= stride) of each conv of `conditioning1`, per depth. kohya's depths 1-3, and the
 # project's depth 4. The first conv always divides by 4; the rest by 2^depth in total.
@@ -61,12 +65,7 @@ def to_kohya_range(image01: torch.Tensor) -> torch.Tensor:
 
     kohya's trainer, inference script and ComfyUI node all feed [−1, 1]; the weights expect it.
     """
-    if image01.ndim != 4 or image01.shape[1] != 3:
-        raise ValueError(f"LLLite conditioning image must be (B, 3, H, W) RGB; got {tuple(image01.shape)}")
-    low, high = image01.min().item(), image01.max().item()
-    if low < 0.0 or high > 1.0:
-        raise ValueError(f"LLLite conditioning images are in [0, 1] (like ControlNet's hint); got values "
-                         f"in [{low:.3g}, {high:.3g}]. If yours are in [-1, 1], pass (image + 1) / 2.")
+    check_hint(image01)  # (B, 3, H, W) in [0, 1], the same check as ControlNet's hint
     return image01 * 2.0 - 1.0
 
 
@@ -166,3 +165,30 @@ def kohya_hyperparameters(tensors: dict[str, torch.Tensor], name: str = "module"
     down = tensors["down.0.weight"]  # (M, in)
     return dict(in_features=down.shape[1], cond_emb_dim=tensors["conditioning1.0.weight"].shape[0] * 2,
                 mlp_dim=down.shape[0], depth=depth)
+
+
+class LLLiteLinear(nn.Linear):
+    """nn.Linear whose input is moved by its child `.lllite` first: y = W (x + Δ) + b.
+
+    kohya's `LLLiteModule.forward` computes the same: `self.org_forward(x + cx)`.
+    """
+
+    def __init__(self, linear: nn.Linear, lllite: LLLiteModule):
+        # Build the placeholder parameters on the meta device, then take the original ones over:
+        # the same Parameter objects (not copies), so optimisers, dtypes and devices are kept.
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        self.weight, self.bias = linear.weight, linear.bias
+        self.lllite = lllite
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lllite.active:
+            # The module may be kept in a wider dtype than the UNet (e.g. float32 on a float16 UNet).
+            delta = self.lllite(x.to(self.lllite.down[0].weight.dtype)).to(x.dtype)
+            x = x + delta  # (B, T, in): Δ moves the layer's input, not its output
+        return super().forward(x)
+
+    def unwrap(self) -> nn.Linear:
+        """The plain nn.Linear again, holding the same weight and bias."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight, linear.bias = self.weight, self.bias
+        return linear

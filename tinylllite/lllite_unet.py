@@ -1,16 +1,16 @@
 """Putting LLLite modules (lllite.py) into a diffusers UNet2DConditionModel, and kohya's file format.
 
 Mirrors `ControlNetLLLite` of kohya's sd-scripts (`networks/control_net_lllite_for_train.py` and
-`control_net_lllite.py`), SPEC §5, written the explicit way:
+`control_net_lllite.py`), written the explicit way:
 
-- each wrapped layer becomes an `LLLiteLinear`: an nn.Linear that keeps the very same `weight` and
+- each wrapped layer becomes an `LLLiteLinear` (lllite.py): an nn.Linear that keeps the very same `weight` and
   `bias` and holds its LLLite module as the child `.lllite`. No patched forward, no global state.
   The UNet's own state_dict keys and tensors are unchanged; the LLLite tensors appear beside them as
   `<layer>.lllite.<key>` (`unet_base_state_dict` gives the plain UNet keys back);
 - wrapped layers: `attn1.to_q`, `attn1.to_k`, `attn1.to_v` and `attn2.to_q` of every transformer block
   of the chosen blocks (attn2's k/v read the text, not the image tokens, so they are never wrapped);
 - each block's depth comes from walking the UNet: a block behind n net downsamplers sees tokens of
-  image / (vae_factor · 2^n), and `depth_for_factor` picks the conditioning1 with that grid. kohya
+  image / (vae_scale_factor · 2^n), and `depth_for_factor` picks the conditioning1 with that grid. kohya
   uses block-index arithmetic instead, which is right for SDXL only;
 - `LLLite` is an nn.ModuleDict keyed by kohya's module names, so its state_dict is kohya's file
   format (`lllite_unet_<LDM path with . → _>.<param>`) and `lllite.parameters()` only LLLite's.
@@ -21,45 +21,21 @@ and needs this project's depth 4, which kohya-style loaders reject).
 Left out: kohya's other experimental insertion points and its process-wide Linear replacement.
 """
 
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from tinylllite.lllite import LLLiteModule, depth_for_factor, image_reduction, kohya_hyperparameters, to_kohya_range
+from tinylllite.lllite import (LLLiteLinear, LLLiteModule, depth_for_factor, image_reduction, kohya_hyperparameters,
+                               to_kohya_range)
 from tinylllite.naming import diffusers_to_ldm
+from tinylllite.state_dicts import save_state_dict
 
 TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn2.to_q")  # per transformer block
 KOHYA_MAX_DEPTH = 3  # kohya and the loaders built on it define depths 1-3
 KIND_OF_LDM_PREFIX = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output"}
 BLOCK_KINDS = tuple(KIND_OF_LDM_PREFIX.values())
-
-
-class LLLiteLinear(nn.Linear):
-    """nn.Linear whose input is moved by its child `.lllite` first: y = W (x + Δ) + b."""
-
-    def __init__(self, linear: nn.Linear, lllite: LLLiteModule):
-        # Build the placeholder parameters on the meta device, then take the original ones over:
-        # the same Parameter objects (not copies), so optimisers, dtypes and devices are kept.
-        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
-        self.weight, self.bias = linear.weight, linear.bias
-        self.lllite = lllite
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.lllite.active:
-            # The module may be kept in a wider dtype than the UNet (e.g. float32 on a float16 UNet).
-            delta = self.lllite(x.to(self.lllite.down[0].weight.dtype)).to(x.dtype)
-            x = x + delta  # (B, T, in): Δ moves the layer's input, not its output
-        return super().forward(x)
-
-    def unwrap(self) -> nn.Linear:
-        """The plain nn.Linear again, holding the same weight and bias."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        linear.weight, linear.bias = self.weight, self.bias
-        return linear
 
 
 @dataclass
@@ -72,10 +48,10 @@ class AttentionBlock:
     module: nn.Module  # the Transformer2DModel itself
 
 
-def attention_blocks(unet: nn.Module, vae_factor: int = 8) -> list[AttentionBlock]:
+def attention_blocks(unet: nn.Module, vae_scale_factor: int = 8) -> list[AttentionBlock]:
     """Every attention block in execution order, with its image factor.
 
-    factor = vae_factor · 2^(downsamplers − upsamplers that ran before it), counted by walking the
+    factor = vae_scale_factor · 2^(downsamplers − upsamplers that ran before it), counted by walking the
     blocks in the order the UNet runs them; no table of block indices.
     """
     stages = [(f"down_blocks.{i}", "input", block) for i, block in enumerate(unet.down_blocks)]
@@ -84,7 +60,7 @@ def attention_blocks(unet: nn.Module, vae_factor: int = 8) -> list[AttentionBloc
     found, levels = [], 0
     for prefix, kind, block in stages:
         for j, attention in enumerate(getattr(block, "attentions", None) or []):
-            found.append(AttentionBlock(f"{prefix}.attentions.{j}", kind, vae_factor * 2**levels, attention))
+            found.append(AttentionBlock(f"{prefix}.attentions.{j}", kind, vae_scale_factor * 2**levels, attention))
         if getattr(block, "downsamplers", None):  # a block's resampler runs after its attentions
             levels += 1
         if getattr(block, "upsamplers", None):
@@ -163,11 +139,10 @@ class LLLite(nn.ModuleDict):
         """`{"lllite_unet_<ldm path>.<param>": tensor}`: only LLLite tensors, as kohya saves them."""
         return dict(self.state_dict())
 
-    def save_kohya(self, path: str, dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None):
-        """Write a kohya-format .safetensors file (atomically: `path.tmp`, then rename)."""
-        tensors = {k: (v if dtype is None else v.to(dtype)).contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(tensors, f"{path}.tmp", metadata=metadata)
-        os.replace(f"{path}.tmp", path)
+    def save_kohya(self, path, dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None):
+        """Write a kohya-format .safetensors file, atomically (control_io.save_lllite adds this project's metadata)."""
+        tensors = {k: v if dtype is None else v.to(dtype) for k, v in self.state_dict().items()}
+        save_state_dict(tensors, path, metadata)
 
     def load_kohya_state_dict(self, state_dict: dict[str, torch.Tensor]):
         """Copy a kohya-format state dict in, strictly: every key present, no extra, every shape equal."""
@@ -220,15 +195,18 @@ def _mismatch_report(lllite: LLLite, state_dict, missing, unexpected, wrong) -> 
 
 
 def attach_lllite(unet: nn.Module, cond_emb_dim: int = 32, mlp_dim: int = 64, blocks: set[str] | None = None,
-                  dropout: float = 0.0, vae_factor: int = 8, dtype: torch.dtype | None = None) -> LLLite:
+                  dropout: float = 0.0, vae_scale_factor: int = 8, dtype: torch.dtype | None = None, *,
+                  vae_factor: int | None = None) -> LLLite:
     """Wrap the attention Linears of the chosen blocks ("input", "middle", "output"; None = kohya's default).
 
     New modules live on the wrapped layer's device (meta stays meta, e.g. for counting) and in `dtype`
     (None: the layer's; float32 on a half-precision UNet keeps the trained weights in full precision).
+    `vae_factor` is the former name of `vae_scale_factor`, still accepted.
     """
+    vae_scale_factor = vae_factor or vae_scale_factor
     if any(isinstance(m, LLLiteLinear) for m in unet.modules()):
         raise ValueError("this UNet already has LLLite attached: call detach_lllite(unet) first")
-    found = attention_blocks(unet, vae_factor)
+    found = attention_blocks(unet, vae_scale_factor)
     chosen = default_blocks(found) if blocks is None else set(blocks)
     if not chosen or not chosen <= set(BLOCK_KINDS):
         raise ValueError(f"blocks={blocks!r}: choose a non-empty subset of {BLOCK_KINDS} (or None for kohya's default)")
@@ -255,7 +233,7 @@ def attach_lllite(unet: nn.Module, cond_emb_dim: int = 32, mlp_dim: int = 64, bl
 
 
 def attach_lllite_from_kohya(unet: nn.Module, state_dict: dict[str, torch.Tensor], dropout: float = 0.0,
-                             vae_factor: int = 8) -> LLLite:
+                             vae_scale_factor: int = 8) -> LLLite:
     """Attach an LLLite shaped like a kohya file (C, M, blocks, depths read from its keys) and load it."""
     hyper = {name: kohya_hyperparameters(t, name) for name, t in group_kohya_keys(state_dict).items()}
     sizes = {(h["cond_emb_dim"], h["mlp_dim"]) for h in hyper.values()}
@@ -269,7 +247,7 @@ def attach_lllite_from_kohya(unet: nn.Module, state_dict: dict[str, torch.Tensor
             raise ValueError(f"{name}: not an LLLite module name (expected lllite_unet_<input_blocks|middle_block|"
                              f"output_blocks>_...)")
         blocks.add(kind)
-    lllite = attach_lllite(unet, cond_emb_dim, mlp_dim, blocks, dropout, vae_factor)
+    lllite = attach_lllite(unet, cond_emb_dim, mlp_dim, blocks, dropout, vae_scale_factor)
     try:
         for name, h in hyper.items():
             if name in lllite and lllite[name].depth != h["depth"]:

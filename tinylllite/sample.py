@@ -3,8 +3,9 @@
 One function, `sample`, serves every place that makes images: the image log during training, the
 fidelity evaluation, and the command line. So what is validated is what is deployed.
 
-Mirrors the original's `DDIMSampler` as `tutorial_train.py`'s ImageLogger calls it (50 steps, eta 0,
-CFG 9, unconditional branch = empty prompt + the SAME hint; SPEC §3) and diffusers'
+Mirrors the original's `DDIMSampler` as its `tutorial_train.py` ImageLogger calls it
+(lllyasviel/ControlNet `cldm/cldm.py`, `ControlLDM.log_images`: 50 steps, eta 0, CFG 9, unconditional
+branch = empty prompt + the SAME hint) and diffusers'
 `StableDiffusionControlNetPipeline` knobs: `controlnet_conditioning_scale` (strength), `guess_mode`
 (control on the conditional half only, residual i scaled by logspace(-1, 0, n)[i]) and
 `control_guidance_start/end` (the fraction of steps in which control is applied). LLLite gets its
@@ -16,7 +17,6 @@ Also makes a synthetic training set from the base alone, as kohya's LLLite guide
 "prompt" text chunk. Left out: img2img, inpainting, negative-prompt weighting, schedulers beyond two.
 """
 import argparse
-import contextlib
 import itertools
 import os
 import re
@@ -29,18 +29,18 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from tinylllite.base import StableDiffusionBase
-from tinylllite.control_branch import control_kind, unet_prediction
-from tinylllite.training import noise_schedule_config
+from tinylllite.control_branch import conditioned, control_kind, guess_mode_scales, unet_prediction
+from tinylllite.hint import check_hint
 
 SAMPLERS = {"ddim": DDIMScheduler, "unipc": UniPCMultistepScheduler}
 
 
 def make_sampler(base: StableDiffusionBase, sampler: str = "ddim"):
-    """DDIM or UniPC on the base's own training schedule (built offline from its config, SPEC §3)."""
+    """DDIM or UniPC on the schedule the base was trained with (`base.noise_schedule_config`), offline."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler {sampler!r} is not one of {sorted(SAMPLERS)}")
     # SD's released sampler settings: no clipping of x0, first step uses alphas_cumprod[0], timesteps + 1.
-    return SAMPLERS[sampler].from_config(noise_schedule_config(base), clip_sample=False, set_alpha_to_one=False,
+    return SAMPLERS[sampler].from_config(base.noise_schedule_config, clip_sample=False, set_alpha_to_one=False,
                                          steps_offset=1)
 
 
@@ -53,10 +53,7 @@ def hint_tensor(hint, batch: int, device, dtype) -> torch.Tensor:
         if hint.dtype != np.uint8 or hint.shape[-1] != 3:
             raise ValueError(f"a hint array must be uint8 (H, W, 3) or (B, H, W, 3) RGB; got {hint.dtype} {hint.shape}")
         hint = torch.from_numpy(hint.reshape(-1, *hint.shape[-3:]).copy()).permute(0, 3, 1, 2).float() / 255  # (B, H, W, 3) -> (B, 3, H, W)
-    if hint.ndim != 4 or hint.shape[1] != 3:
-        raise ValueError(f"a hint tensor must be (B, 3, H, W); got {tuple(hint.shape)}")
-    if hint.min() < 0 or hint.max() > 1:
-        raise ValueError(f"hint values must lie in [0, 1] (got {hint.min():.3f}..{hint.max():.3f}): divide by 255")
+    check_hint(hint)
     if hint.shape[0] == 1:
         hint = hint.expand(batch, -1, -1, -1)
     if hint.shape[0] != batch:
@@ -86,8 +83,7 @@ def sample(base: StableDiffusionBase, prompts, control=None, hint=None, steps: i
     kind, unet = control_kind(control), base.unet
     if kind is not None and hint is None:
         raise ValueError(f"sampling with a {kind} needs hint=...; pass control=None for the base alone")
-    if guess_mode and kind != "controlnet":
-        raise ValueError("guess_mode scales ControlNet residuals; it has no meaning for LLLite or no control")
+    scales = guess_mode_scales(control) if guess_mode else None  # ControlNet only; SD: 12 encoder skips + 1 middle
     if hint is not None:
         hint = hint_tensor(hint, len(prompts), base.device, unet.dtype)
         height, width = hint.shape[-2:]
@@ -107,22 +103,14 @@ def sample(base: StableDiffusionBase, prompts, control=None, hint=None, steps: i
     hidden_u, pooled_u = base.encode_prompt([negative_prompt] * len(prompts))
     added_c = base.added_cond_kwargs(pooled_c, height, width)
     added_u = base.added_cond_kwargs(pooled_u, height, width)
-    scales = None
-    if guess_mode:
-        from tinylllite.controlnet import guess_mode_scales
-
-        scales = guess_mode_scales(control.num_residuals)  # SD: 12 encoder skips + 1 middle
     step_kwargs = {"eta": eta, "generator": torch.Generator().manual_seed(seed)} if sampler == "ddim" else {}
 
-    conditioning = contextlib.nullcontext()
-    if kind == "lllite":  # SPEC §5: the hint is embedded once, not at every timestep
-        conditioning, hint = control.conditioned(hint), None
-    with conditioning:
+    with conditioned(control, hint) as step_hint:  # an LLLite embeds the hint once for all timesteps
         for i, t in enumerate(scheduler.timesteps):
             s = strength if in_window(i, len(scheduler.timesteps), control_start, control_end) else 0.0
             x = scheduler.scale_model_input(latents, t)
             t_batch = t.expand(len(prompts))  # (B,)
-            common = dict(hint=hint, scales=scales, only_mid_control=only_mid_control,
+            common = dict(hint=step_hint, scales=scales, only_mid_control=only_mid_control,
                           lllite_multiplier=lllite_multiplier)
             eps = unet_prediction(base, control, x, t_batch, hidden_c, added_c, strength=s, **common)
             if cfg != 1.0:

@@ -6,7 +6,7 @@
 
 What the original ControlNet code does with `torch.load` + an OmegaConf yaml + a hub download of the
 CLIP weights, this file does from the weights alone: the family comes from the width of the UNet's
-cross-attention (768 SD1, 1024 SD2, 2048 SDXL; `ldm_format.detect_family`), the architecture from the
+cross-attention (768 SD1, 1024 SD2, 2048 SDXL; `identify.py`), the architecture from the
 configs shipped in `tinylllite/configs/`, the tokenizer from `tinylllite.tokenizer`. Nothing is downloaded.
 
 Memory stays near the file size: modules are built on the meta device (no random init, no memory),
@@ -16,8 +16,9 @@ adopts each tensor instead of copying it into a second, freshly allocated model.
 the file's own dtype) the weights are read from disk when first used; a different dtype converts them
 once, so the peak is then the converted model plus the file's pages.
 
-EMA (SPEC §4): `v1-5-pruned.ckpt` holds both the trained UNet and its EMA under `model_ema.` with the
-dots removed. The original tool keeps the non-EMA weights; so does `load_base` unless `ema=True`.
+EMA: `v1-5-pruned.ckpt` holds both the trained UNet and its EMA under `model_ema.` with the dots
+removed (LDM's `LitEma`). lllyasviel/ControlNet's `tool_add_control.py` keeps the non-EMA weights; so
+does `load_base` unless `ema=True`.
 
 Left out: SD2 768-v files cannot be told from 512-base ones by their weights; pass
 `prediction_type="v_prediction"` for them. Refiner, inpainting text encoders and LoRA merging.
@@ -30,15 +31,16 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from tinylllite import ldm_format as lf
 from tinylllite.base import StableDiffusionBase
+from tinylllite.errors import InputError
+from tinylllite.identify import FAMILY_NAMES, identify, unet_family
+from tinylllite.state_dicts import open_state_dict, tensor_shapes  # noqa: F401 (open_state_dict: tutorial_train.py)
 from tinylllite.tokenizer import clip_tokenizer
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
 @lru_cache(maxsize=None)
@@ -56,57 +58,27 @@ def family_config(family: str) -> dict:
     return config
 
 
-class SafetensorsFile(Mapping):
-    """A .safetensors file as a read-only dict that reads each tensor only when asked for it."""
+def check_sd_parts(shapes: Mapping[str, tuple], family: str, source) -> None:
+    """Refuse an original SD file whose UNet or VAE lacks tensors its family has, naming how many and which.
 
-    def __init__(self, path):
-        self.path = Path(path)
-        self._file = safe_open(str(path), framework="pt", device="cpu")
-        self._keys = list(self._file.keys())
-        self._key_set = set(self._keys)
-        self.metadata = self._file.metadata() or {}
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self._key_set:
-            raise KeyError(f"{key!r} is not in {self.path}")
-        return self._file.get_tensor(key)
-
-    def __iter__(self):
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._file.get_slice(key).get_shape())
-
-
-def open_state_dict(path) -> Mapping[str, torch.Tensor]:
-    """A checkpoint file's tensors, lazily: safetensors read on access, pickles memory-mapped."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    if path.suffix == ".safetensors":
-        return SafetensorsFile(path)
-    if path.suffix not in PICKLE_SUFFIXES:
-        raise ValueError(f"{path}: unknown checkpoint type {path.suffix!r}; expected .safetensors or {PICKLE_SUFFIXES}")
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as error:
-        if "mmap" not in str(error):  # files saved before torch 1.6 (not zip) cannot be memory-mapped
-            raise
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
-        loaded = loaded["state_dict"]  # Lightning checkpoints nest the weights
-    if not isinstance(loaded, dict):
-        raise ValueError(f"{path}: holds a {type(loaded).__name__}, not a state dict")
-    return {key: value for key, value in loaded.items() if isinstance(value, torch.Tensor)}
-
-
-def tensor_shapes(sd: Mapping) -> dict[str, tuple[int, ...]]:
-    if isinstance(sd, SafetensorsFile):
-        return {key: sd.shape(key) for key in sd}
-    return {key: tuple(value.shape) for key, value in sd.items()}
+    The names come from the family's UNet and VAE built on the meta device, so nothing is allocated.
+    """
+    config = family_config(family)
+    conv_in = shapes.get(lf.UNET_PREFIX + "input_blocks.0.0.weight", (0, 4))
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**dict(config["unet"], in_channels=conv_in[1]))
+        vae = AutoencoderKL(**config["vae"])
+    parts = {"UNet": (lf.UNET_PREFIX, lf.unet_names(unet.state_dict(), unet.config)),
+             "VAE": (lf.VAE_PREFIX, lf.vae_names(vae.state_dict(), vae.config))}
+    for part, (prefix, names) in parts.items():
+        missing = sorted(prefix + ldm for ldm in names.values() if prefix + ldm not in shapes)
+        if len(missing) == len(names):
+            raise InputError(f"{source}: has no {part} ({prefix}*): a complete {FAMILY_NAMES[family]} checkpoint "
+                             f"holds UNet, VAE and text encoder; use the full file, not a pruned part")
+        if missing:
+            raise InputError(f"{source}: {len(missing)} of the {len(names)} {part} tensors of an "
+                             f"{FAMILY_NAMES[family]} checkpoint are missing (e.g. {missing[0]}): the file is "
+                             f"incomplete; download or copy it again")
 
 
 class _EmaView(Mapping):
@@ -154,7 +126,8 @@ def base_from_ldm(sd: Mapping, ema: bool = False, dtype=torch.float32, predictio
     if conv_in not in shapes:
         raise ValueError(f"{source}: no `{conv_in}`: not a Stable Diffusion checkpoint "
                          f"(its first keys: {list(shapes)[:3]})")
-    family = lf.detect_family(shapes)
+    family = unet_family(shapes)
+    check_sd_parts(shapes, family, source)
     config = family_config(family)
     unet_config = dict(config["unet"], in_channels=shapes[conv_in][1])  # 9 for inpainting UNets
     if ema:
@@ -186,21 +159,11 @@ def base_from_ldm(sd: Mapping, ema: bool = False, dtype=torch.float32, predictio
     )
 
 
-def _family_of_diffusers_unet(unet_config) -> str:
-    """The family of a diffusers UNet config; unknown widths (toy models) count as 'tiny'."""
-    if unet_config.get("addition_embed_type") == "text_time":
-        return "sdxl"
-    return lf.CROSS_WIDTH_TO_FAMILY.get(unet_config["cross_attention_dim"], "tiny")
-
-
-def _load_diffusers_folder(folder: Path, dtype, prediction_type: str | None) -> StableDiffusionBase:
-    if not (folder / "unet" / "config.json").exists():
-        raise ValueError(f"{folder}: a diffusers folder needs unet/, vae/ and text_encoder/ subfolders with config.json")
+def _load_diffusers_folder(folder: Path, family: str, dtype, prediction_type: str | None) -> StableDiffusionBase:
     local = dict(local_files_only=True)
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype, **local).eval()
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype, **local).eval()
     text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=dtype, **local).eval()
-    family = _family_of_diffusers_unet(unet.config)
     text_encoder_2 = tokenizer_2 = None
     if family == "sdxl":
         text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2", dtype=dtype,
@@ -221,9 +184,12 @@ def load_base(path, ema: bool = False, dtype=torch.float32, prediction_type: str
 
     `dtype=None` keeps the file's own dtypes (an fp16 file stays fp16 and costs no conversion).
     """
-    path = Path(path)
-    if path.is_dir():
+    info = identify(path)
+    if info.kind != "sd" and info.layout != "full":
+        raise InputError(f"{path} holds {info.describe()}, not a Stable Diffusion checkpoint: give an SD base file "
+                         f"or folder as the base, and this file as the control")
+    if info.state_dict is None:  # a diffusers pipeline folder
         if ema:
-            raise ValueError(f"{path}: diffusers folders hold one set of UNet weights; ema=True needs a single file")
-        return _load_diffusers_folder(path, dtype, prediction_type)
-    return base_from_ldm(open_state_dict(path), ema=ema, dtype=dtype, prediction_type=prediction_type, source=str(path))
+            raise InputError(f"{path}: diffusers folders hold one set of UNet weights; ema=True needs a single file")
+        return _load_diffusers_folder(info.path, info.family, dtype, prediction_type)
+    return base_from_ldm(info.state_dict, ema=ema, dtype=dtype, prediction_type=prediction_type, source=str(path))

@@ -26,7 +26,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from tinylllite.base import StableDiffusionBase
+from tinylllite.base import SD_NOISE_SCHEDULE, StableDiffusionBase
 from tinylllite.tokenizer import clip_tokenizer
 
 TINY_IMAGE_SIZE = 64  # Fill50K is rendered at 64 x 64 px for the tiny world
@@ -68,8 +68,7 @@ TEXT_ENCODER_CONFIG = dict(
     pad_token_id=49407,
 )
 
-# SD's training noise schedule (SPEC §3): 1000 steps, scaled-linear betas (the tiny SD predicts epsilon).
-SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+SCHEDULER_CONFIG = dict(SD_NOISE_SCHEDULE)  # SD's own training noise schedule; the tiny SD predicts epsilon
 
 
 def build_tiny_parts(seed: int = 0) -> tuple[AutoencoderKL, UNet2DConditionModel, CLIPTextModel]:

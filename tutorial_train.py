@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from tinylllite import checkpoint, image_log, nan_guard, stopping, training
+from tinylllite import batches, checkpoint, control_branch, control_io, image_log, nan_guard, stopping, training
 from tinylllite.errors import InputError, run_command
 from tinylllite.fidelity import EVALUATION_SEED, evaluation_pairs
 
@@ -46,7 +46,8 @@ CONTROLNET = dict(
     mixed_precision="fp32",
     gradient_checkpointing=False,
     use_8bit_adam=False,
-    cache=False,  # cache VAE latents and text embeddings
+    cache=False,  # encode every image and prompt once, up front, and keep the result in --cache-dir
+    data_workers=0,  # DataLoader worker processes decoding images ahead (a 64 px batch decodes in milliseconds)
     logger_freq=500,  # image log every this many optimizer steps (and at step 0); 0 = off
     log_every=10,  # loss line in metrics.jsonl
     eval_metric="fill50k-iou",  # control fidelity on held-out pairs: fill50k-iou, edge-f1 (your Canny data) or none
@@ -69,7 +70,7 @@ BRANCHES = {"controlnet": CONTROLNET, "lllite": LLLITE}
 # The original's values for a real SD base (batch 4, lr 1e-5, image log every 300 steps at CFG 9), and
 # kohya's LLLite recipe (lr 2e-4, C 32, M 64, its SD1 block set).
 SD15 = dict(batch_size=4, learning_rate=1e-5, max_minutes=None, logger_freq=300, eval_every=300, eval_steps=50,
-            eval_cfg=9.0, threads=None)
+            eval_cfg=9.0, threads=None, data_workers=4)
 PRESETS = {"sd15": {"controlnet": SD15, "lllite": dict(SD15, learning_rate=2e-4, lllite_blocks=None)}}
 
 
@@ -107,12 +108,12 @@ SETTING_TYPES = dict(
     batch_size=count(1), learning_rate=positive_float, gradient_accumulation=count(1), max_steps=count(1),
     max_minutes=positive_float, sd_locked=strict_bool, only_mid_control=strict_bool, prompt_dropout=fraction,
     timestep_sampling=str, snr_gamma=positive_float, max_grad_norm=positive_float, mixed_precision=str, gradient_checkpointing=strict_bool,
-    use_8bit_adam=strict_bool, cache=strict_bool, logger_freq=count(0), log_every=count(1), eval_metric=str,
+    use_8bit_adam=strict_bool, cache=strict_bool, data_workers=count(0), logger_freq=count(0), log_every=count(1), eval_metric=str,
     canny_low=positive_float, canny_high=positive_float, eval_every=count(0), eval_pairs=count(1), eval_steps=count(1), eval_cfg=positive_float, checkpoint_every=count(1),
     keep_checkpoints=count(1), seed=count(0), threads=count(1), cond_emb_dim=count(1), mlp_dim=count(1),
     lllite_blocks=str)
 CHOICES = dict(mixed_precision=("fp32", "bf16", "fp16"), eval_metric=("fill50k-iou", "edge-f1", "none"),
-               timestep_sampling=training.TIMESTEP_SAMPLING)
+               timestep_sampling=batches.TIMESTEP_SAMPLING)
 SWITCHES = ("gradient_checkpointing", "use_8bit_adam", "cache")  # `--cache` alone means true
 
 
@@ -131,6 +132,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("resume_from", help="a run folder or checkpoint folder to continue")
     add("resume_path", help="initial control weights: any ControlNet or LLLite file or diffusers folder")
     add("max_train_samples", type=count(1), help="train on the first N pairs only")
+    add("cache_dir", default="./cache", help="where --cache keeps encoded latents and prompts (default ./cache)")
     add("eval_seed", type=count(0), default=EVALUATION_SEED,
         help="seed of the held-out evaluation pairs (tuning uses another seed: bench/convergence.py)")
     add("validation_prompt", action="append", default=[], help="with --validation-image; repeatable")
@@ -205,19 +207,20 @@ def build_control(args, settings: dict, base):
 
     blocks = set(settings["lllite_blocks"].split(",")) if settings["lllite_blocks"] else None
     return attach_lllite(base.unet, settings["cond_emb_dim"], settings["mlp_dim"], blocks,
-                         vae_factor=base.vae_scale_factor)
+                         vae_scale_factor=base.vae_scale_factor)
 
 
-def load_initial_weights(path, base, control) -> None:
-    """--resume-path: a control .safetensors (ours, diffusers', kohya's) or the original's control .ckpt."""
-    from tinylllite.ldm_format import controlnet_names, from_ldm
-    from tinylllite.sd_loading import open_state_dict
-
-    tensors = dict(open_state_dict(path))
-    if any(k.startswith("control_model.") for k in tensors):
-        names = controlnet_names(control.state_dict().keys(), dict(base.unet.config))
-        tensors = from_ldm(tensors, names, "control_model.")
-    checkpoint.load_trainable(base, control, {"control": tensors})
+def open_cache(cache_dir, base, dataset, n: int, rank: int) -> batches.LatentCache:
+    """--cache: every item's VAE latent moments and every prompt's embedding, filled up front (rank 0), on disk."""
+    cache = batches.LatentCache(cache_dir, batches.fingerprint(dataset, n, base))
+    if not cache.load():
+        if rank == 0:
+            print(f"filling the latent and text cache for {n} pairs in {cache.path}")
+            cache.fill(base, dataset, n, batch_size=64)
+        if dist.is_initialized():
+            dist.barrier()
+        cache.load()
+    return cache
 
 
 def run_folder(args, started: float) -> Path:
@@ -266,24 +269,29 @@ def main(argv=None, base=None):
     torch.manual_seed(s.seed)  # the fresh branch's initial weights
     control = build_control(args, settings, base).to(device)
     if args.resume_path:
-        load_initial_weights(args.resume_path, base, control)
+        control_io.load_control_weights(args.resume_path, base, control)  # any layout; kind and family checked
     named = training.prepare_trainable(base, control, s.sd_locked)
     params = [p for _, p in named]
     if world > 1:  # every rank starts from rank 0's weights
         for p in params:
             dist.broadcast(p.data, src=0)
     if s.gradient_checkpointing:
-        training.enable_gradient_checkpointing(base, control)
+        control_branch.enable_gradient_checkpointing(base.unet, control)
     if device.type == "cuda":
         training.cast_frozen_weights_to_half(base, s.mixed_precision)
     optimizer = training.make_optimizer(params, s.learning_rate, use_8bit=s.use_8bit_adam)
     scaler = training.grad_scaler(device, s.mixed_precision)
     scheduler = training.training_scheduler(base)
     heldout, trainable_items = heldout_pairs(settings, base, dataset, args.eval_seed)
-    encoder = training.BatchEncoder(base, dataset, s.seed, s.prompt_dropout, s.cache,
-                                    min(args.max_train_samples or trainable_items, trainable_items), s.timestep_sampling)
+    n_items = min(args.max_train_samples or trainable_items, trainable_items)
+    encode = batches.BatchEncoder(base, open_cache(args.cache_dir, base, dataset, n_items, rank) if s.cache else None)
+    stream = batches.SampleStream(dataset, s.seed, n_items, base.vae.config.latent_channels, base.vae_scale_factor,
+                                  scheduler.config.num_train_timesteps, s.prompt_dropout, s.timestep_sampling)
     effective = s.batch_size * s.gradient_accumulation * world
     step = resume(args.resume_from, base, control, optimizer, scaler, effective) if args.resume_from else 0
+    samples = iter(batches.sample_loader(
+        stream, batches.rank_sample_numbers(step, s.batch_size, s.gradient_accumulation, world, rank), s.batch_size,
+        s.data_workers, pin_memory=device.type == "cuda"))
     validation = list(zip(args.validation_prompt, args.validation_image))
     log = image_log.RunLog(out, settings, base, control, dataset, validation, stop, heldout,
                            resumed_at=step if args.resume_from else None) if rank == 0 else None
@@ -291,7 +299,7 @@ def main(argv=None, base=None):
         print(f"{preset or 'tiny-SD'} settings ({args.control}): base {args.base} ({base.family}), "
               f"lr {s.learning_rate}, {sum(p.numel() for p in params):,} trainable parameters, effective batch "
               f"{effective} = {s.batch_size} per process x {s.gradient_accumulation} accumulation x {world} processes; "
-              f"data {data_dir} ({encoder.n} pairs); out {out}")
+              f"data {data_dir} ({n_items} pairs); out {out}")
         log.write_config(dict(control=args.control, preset=preset, base=args.base, data=str(data_dir),
                               eval_seed=args.eval_seed, resume_from=args.resume_from, resume_path=args.resume_path))
         if step == 0:
@@ -306,8 +314,7 @@ def main(argv=None, base=None):
             optimizer.zero_grad(set_to_none=True)
             step_loss = torch.zeros((), device=device)
             for micro in range(s.gradient_accumulation):
-                first = ((step * s.gradient_accumulation + micro) * world + rank) * s.batch_size  # global sample number
-                batch = encoder.batch(list(range(first, first + s.batch_size)), scheduler.config.num_train_timesteps)
+                batch = encode(next(samples))  # this process's slice of the run's samples, decoded ahead
                 with autocast:
                     loss = training.diffusion_loss(base, control, scheduler, batch, s.snr_gamma, s.only_mid_control)
                 nan_guard.check_loss(loss, step)
@@ -340,7 +347,8 @@ def save(base, control, optimizer, scaler, out: Path, step: int, effective: int,
     if rank == 0:
         state = dict(step=step, samples_seen=step * effective, effective_batch=effective, torch_rng=torch.get_rng_state(),
                      optimizer=optimizer.state_dict(), scaler=scaler.state_dict() if scaler else None)
-        checkpoint.save_checkpoint(out, step, checkpoint.trainable_weights(base, control), state, keep)
+        checkpoint.save_checkpoint(out, step, checkpoint.trainable_weights(base, control), state, keep,
+                                   metadata=control_io.branch_metadata(base, control))
 
 
 if __name__ == "__main__":

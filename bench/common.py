@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import tutorial_train  # noqa: E402,F401  (re-exported, like the names below, for the benchmarks)
-from tinylllite import nan_guard, training  # noqa: E402,F401
+from tinylllite import control_branch, nan_guard, training  # noqa: E402,F401
 from tinylllite.base import StableDiffusionBase  # noqa: E402
 from tinylllite.controlnet import ControlNet  # noqa: E402,F401
 from tinylllite.datasets import Fill50KDataset  # noqa: E402,F401

@@ -29,7 +29,7 @@ from diffusers import ControlNetModel
 from torch.utils.flop_counter import FlopCounterMode
 
 import common
-from common import nan_guard, training
+from common import control_branch, nan_guard, training
 
 IMPLEMENTATIONS = ("tinylllite", "diffusers", "lllite")
 LEARNING_RATE = 1e-5  # the original's; the speed does not depend on it
@@ -54,7 +54,7 @@ def tinylllite_implementation(name, base, control, batch, args, device) -> Imple
     named = training.prepare_trainable(base, control)
     params = [p for _, p in named]
     if args.gradient_checkpointing:
-        training.enable_gradient_checkpointing(base, control)
+        control_branch.enable_gradient_checkpointing(base.unet, control)
     optimizer = optimizer_for(params, args)
     scaler = training.grad_scaler(device, args.precision)
     scheduler = training.training_scheduler(base)

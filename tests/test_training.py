@@ -2,13 +2,14 @@
 import json
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
 from tiny_models import tiny_base
 
 import tutorial_train
-from tinylllite import nan_guard, training
+from tinylllite import batches, nan_guard, training
 from tinylllite.errors import InputError
 from tinylllite.fill50k import write_fill50k
 
@@ -29,7 +30,8 @@ def tiny_fill50k(folder, n: int = 8):
 def train(data, out, *extra, family: str = "sd1"):
     """Run tutorial_train.main on a tiny random base without image logs or evaluation; returns its summary."""
     argv = ["--data", str(data), "--out", str(out), "--logger-freq", "0", "--eval-every", "0", "--log-every", "1",
-            "--checkpoint-every", "1000", *map(str, extra)]
+            "--checkpoint-every", "1000", "--data-workers", "0", "--cache-dir", str(Path(out).parent / "cache"),
+            *map(str, extra)]
     return tutorial_train.main(argv, base=tiny_base(family))
 
 
@@ -71,8 +73,30 @@ def test_two_accumulated_half_batches_update_like_one_full_batch(data, tmp_path,
 
 
 def test_caching_latents_and_text_changes_speed_not_results(data, tmp_path, reference):
-    """With --cache the latents are drawn with the same noise, so the update is the same."""
-    result = train(data, tmp_path, "--max-steps", 1, "--batch-size", 4, "--cache")
+    """With --cache the latents are drawn with the same noise, so the update is the same; the cache is on disk."""
+    result = train(data, tmp_path / "run", "--max-steps", 1, "--batch-size", 4, "--cache")
+    for key, value in weights(result).items():
+        torch.testing.assert_close(value, reference[key], rtol=1e-5, atol=ADAM_NOISE, msg=lambda m: f"{key}: {m}")
+    assert len(list((tmp_path / "cache").glob("*/latents.safetensors"))) == 1
+
+
+def test_a_second_run_reuses_the_cache_and_a_changed_image_rebuilds_it(data, tmp_path):
+    """The cache key follows the data files: the same data reuses the folder, a touched image makes a new one."""
+    import shutil
+
+    copy = tmp_path / "fill50k_64"
+    shutil.copytree(data, copy)
+    train(copy, tmp_path / "a", "--max-steps", 1, "--batch-size", 2, "--cache")
+    train(copy, tmp_path / "b", "--max-steps", 1, "--batch-size", 2, "--cache")
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    (copy / "target" / "3.png").write_bytes((copy / "target" / "4.png").read_bytes())
+    train(copy, tmp_path / "c", "--max-steps", 1, "--batch-size", 2, "--cache")
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def test_worker_processes_decode_ahead_without_changing_results(data, tmp_path, reference):
+    """--data-workers 2 draws every sample in a worker process from the same per-sample generator: same update."""
+    result = train(data, tmp_path / "run", "--max-steps", 1, "--batch-size", 4, "--data-workers", 2)
     for key, value in weights(result).items():
         torch.testing.assert_close(value, reference[key], rtol=1e-5, atol=ADAM_NOISE, msg=lambda m: f"{key}: {m}")
 
@@ -171,10 +195,10 @@ def test_gradient_checkpointing_recomputes_blocks_and_gives_the_same_update(data
 
 def test_the_data_order_visits_each_of_the_first_n_items_once_per_epoch():
     """dataset_index: a fresh permutation of the first n items (--max-train-samples) every epoch, fixed by the seed."""
-    first, second = ([training.dataset_index(0, k, 5) for k in range(e * 5, e * 5 + 5)] for e in (0, 1))
+    first, second = ([batches.dataset_index(0, k, 5) for k in range(e * 5, e * 5 + 5)] for e in (0, 1))
     assert sorted(first) == sorted(second) == [0, 1, 2, 3, 4]
     assert first != second
-    assert [training.dataset_index(0, k, 5) for k in range(5)] == first
+    assert [batches.dataset_index(0, k, 5) for k in range(5)] == first
 
 
 def test_8bit_adam_without_bitsandbytes_says_what_to_install(monkeypatch):

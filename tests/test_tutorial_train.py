@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from test_training import tiny_fill50k, train
 from tiny_models import tiny_base
@@ -158,3 +159,61 @@ def test_fill50k_iou_on_data_that_is_not_fill50k_is_refused_before_training(data
     with pytest.raises(InputError, match=r"pairs\.jsonl is not Fill50K.*--eval-metric edge-f1"):
         train(own_jsonl(data, tmp_path), tmp_path / "run", "--max-steps", 1, "--eval-every", 5)
     assert not (tmp_path / "run").exists()
+
+
+def marked_controlnet(base):
+    """A ControlNet whose middle zero conv holds 0.5 everywhere: a value training at lr 1e-5 barely moves."""
+    from tinylllite.controlnet import ControlNet
+
+    control = ControlNet.from_unet(base.unet)
+    with torch.no_grad():
+        control.controlnet_mid_block.weight.fill_(0.5)
+    return control
+
+
+@pytest.mark.parametrize("layout, name", [("original", "control.ckpt"), ("diffusers", "control_diffusers")])
+def test_resume_path_starts_from_an_original_ckpt_or_a_diffusers_folder(layout, name, data, tmp_path):
+    """--resume-path reads the original's .ckpt layout and a diffusers ControlNet folder into the fresh branch."""
+    from tinylllite.control_io import save_controlnet
+
+    base = tiny_base()
+    save_controlnet(marked_controlnet(base), base.unet, tmp_path / name, layout=layout)
+    result = train(data, tmp_path / "run", "--max-steps", 1, "--batch-size", 2, "--resume-path", tmp_path / name)
+    torch.testing.assert_close(result["control"].controlnet_mid_block.weight,
+                               torch.full_like(result["control"].controlnet_mid_block.weight, 0.5), rtol=0, atol=1e-4)
+
+
+def test_resume_path_starts_an_lllite_from_a_kohya_file(data, tmp_path):
+    """--control lllite --resume-path takes kohya's lllite_unet_* file."""
+    from tinylllite.lllite_unet import attach_lllite
+
+    lllite = attach_lllite(tiny_base().unet)
+    tensors = {k: torch.full_like(v, 0.25) if k.endswith("up.0.weight") else v for k, v in lllite.kohya_state_dict().items()}
+    lllite.load_kohya_state_dict(tensors)
+    lllite.save_kohya(tmp_path / "kohya.safetensors")
+    result = train(data, tmp_path / "run", "--max-steps", 1, "--batch-size", 2, "--control", "lllite",
+                   "--resume-path", tmp_path / "kohya.safetensors")
+    ups = [v for k, v in result["control"].kohya_state_dict().items() if k.endswith("up.0.weight")]
+    assert all(torch.allclose(u, torch.full_like(u, 0.25), atol=1e-3) for u in ups)  # lr 2e-4, one step
+
+
+def test_a_checkpoint_converted_to_the_original_layout_resumes_training(data, tmp_path):
+    """A run's control.safetensors converts with `python -m tinylllite.convert`, and --resume-path takes the result."""
+    from tinylllite import convert
+
+    first = train(data, tmp_path / "first", "--max-steps", 1, "--batch-size", 2)
+    step_file = first["out"] / "checkpoints" / "step_0000001" / "control.safetensors"
+    assert convert.main([str(step_file), str(tmp_path / "a1111.safetensors"), "--to", "original"]) == 0
+    second = train(data, tmp_path / "second", "--max-steps", 1, "--batch-size", 2, "--resume-path",
+                   tmp_path / "a1111.safetensors", "--learning-rate", "1e-12")
+    for key, value in first["control"].state_dict().items():
+        torch.testing.assert_close(second["control"].state_dict()[key], value, rtol=0, atol=1e-9)
+
+
+def test_resume_path_with_an_lllite_file_for_a_controlnet_is_refused_before_training(data, tmp_path):
+    """A kohya LLLite file given to a ControlNet run stops with a sentence naming the file; no run folder."""
+    from tinylllite.lllite_unet import attach_lllite
+
+    attach_lllite(tiny_base().unet).save_kohya(tmp_path / "kohya.safetensors")
+    with pytest.raises(InputError, match="kohya.safetensors"):
+        train(data, tmp_path / "run", "--max-steps", 1, "--resume-path", tmp_path / "kohya.safetensors")

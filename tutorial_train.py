@@ -272,9 +272,11 @@ def main(argv=None, base=None):
         control_io.load_control_weights(args.resume_path, base, control)  # any layout; kind and family checked
     named = training.prepare_trainable(base, control, s.sd_locked)
     params = [p for _, p in named]
-    if world > 1:  # every rank starts from rank 0's weights
+    averager = None
+    if world > 1:  # every rank starts from rank 0's weights, and averages gradients during backward
         for p in params:
             dist.broadcast(p.data, src=0)
+        averager = training.GradientAverager(params, world)
     if s.gradient_checkpointing:
         control_branch.enable_gradient_checkpointing(base.unet, control)
     if device.type == "cuda":
@@ -314,6 +316,8 @@ def main(argv=None, base=None):
             optimizer.zero_grad(set_to_none=True)
             step_loss = torch.zeros((), device=device)
             for micro in range(s.gradient_accumulation):
+                if averager:
+                    averager.last_micro_batch = micro == s.gradient_accumulation - 1
                 batch = encode(next(samples))  # this process's slice of the run's samples, decoded ahead
                 with autocast:
                     loss = training.diffusion_loss(base, control, scheduler, batch, s.snr_gamma, s.only_mid_control)
@@ -321,8 +325,8 @@ def main(argv=None, base=None):
                 loss = loss / s.gradient_accumulation  # the optimizer step sees the mean over the effective batch
                 (scaler.scale(loss) if scaler else loss).backward()
                 step_loss += loss.detach()
-            if world > 1:
-                training.average_gradients(params, step_loss, world)
+            if averager:
+                averager.finish(step_loss)
             training.optimizer_step(optimizer, scaler, named, s.max_grad_norm, step)
             step, last_loss = step + 1, step_loss.item()
 

@@ -103,14 +103,31 @@ def cast_frozen_weights_to_half(base: StableDiffusionBase, precision: str) -> No
                 p.data = p.data.to(HALF[precision])
 
 
-def average_gradients(params: list[torch.nn.Parameter], loss: torch.Tensor, world: int) -> None:
-    """Mean of every gradient (and of the logged loss) over the processes, as DistributedDataParallel computes it."""
-    for p in params:
-        p.grad = torch.zeros_like(p) if p.grad is None else p.grad
-        dist.all_reduce(p.grad)
-        p.grad /= world
-    dist.all_reduce(loss)
-    loss /= world
+class GradientAverager:
+    """The mean of every gradient over the processes (what DistributedDataParallel computes), communicated while
+    the backward pass still runs: on the step's last micro-batch, each parameter's all_reduce starts, without
+    waiting, as soon as its gradient is complete; `finish` waits for them. Every process runs the same graph, so
+    the hooks fire, and the collectives start, in the same order everywhere."""
+
+    def __init__(self, params: list[torch.nn.Parameter], world: int):
+        self.params, self.world, self.pending, self.last_micro_batch = params, world, [], False
+        for p in params:
+            p.register_post_accumulate_grad_hook(self._reduce)
+
+    def _reduce(self, p: torch.nn.Parameter) -> None:
+        if self.last_micro_batch:
+            self.pending.append(dist.all_reduce(p.grad, async_op=True))
+
+    def finish(self, loss: torch.Tensor) -> None:
+        """Wait for the gradients, divide by the number of processes; average the logged loss too."""
+        for handle in self.pending:
+            handle.wait()
+        self.pending, self.last_micro_batch = [], False
+        for p in self.params:
+            if p.grad is not None:
+                p.grad /= self.world
+        dist.all_reduce(loss)
+        loss /= self.world
 
 
 def optimizer_step(optimizer, scaler, named: list[tuple[str, torch.nn.Parameter]], max_grad_norm: float | None,

@@ -46,7 +46,7 @@ CONTROLNET = dict(
     mixed_precision="fp32",
     gradient_checkpointing=False,
     use_8bit_adam=False,
-    cache=False,  # encode every image and prompt once, up front, and keep the result in --cache-dir
+    cache=True,  # encode every image and prompt once, up front, kept in --cache-dir: ~12 % of a tiny step saved
     data_workers=0,  # DataLoader worker processes decoding images ahead (a 64 px batch decodes in milliseconds)
     logger_freq=500,  # image log every this many optimizer steps (and at step 0); 0 = off
     log_every=10,  # loss line in metrics.jsonl
@@ -70,7 +70,7 @@ BRANCHES = {"controlnet": CONTROLNET, "lllite": LLLITE}
 # The original's values for a real SD base (batch 4, lr 1e-5, image log every 300 steps at CFG 9), and
 # kohya's LLLite recipe (lr 2e-4, C 32, M 64, its SD1 block set).
 SD15 = dict(batch_size=4, learning_rate=1e-5, max_minutes=None, logger_freq=300, eval_every=300, eval_steps=50,
-            eval_cfg=9.0, threads=None, data_workers=4)
+            eval_cfg=9.0, threads=None, data_workers=4, cache=False)
 PRESETS = {"sd15": {"controlnet": SD15, "lllite": dict(SD15, learning_rate=2e-4, lllite_blocks=None)}}
 
 
@@ -107,9 +107,10 @@ def fraction(text: str) -> float:
 SETTING_TYPES = dict(
     batch_size=count(1), learning_rate=positive_float, gradient_accumulation=count(1), max_steps=count(1),
     max_minutes=positive_float, sd_locked=strict_bool, only_mid_control=strict_bool, prompt_dropout=fraction,
-    timestep_sampling=str, snr_gamma=positive_float, max_grad_norm=positive_float, mixed_precision=str, gradient_checkpointing=strict_bool,
-    use_8bit_adam=strict_bool, cache=strict_bool, data_workers=count(0), logger_freq=count(0), log_every=count(1), eval_metric=str,
-    canny_low=positive_float, canny_high=positive_float, eval_every=count(0), eval_pairs=count(1), eval_steps=count(1), eval_cfg=positive_float, checkpoint_every=count(1),
+    timestep_sampling=str, snr_gamma=positive_float, max_grad_norm=positive_float, mixed_precision=str,
+    gradient_checkpointing=strict_bool, use_8bit_adam=strict_bool, cache=strict_bool, data_workers=count(0),
+    logger_freq=count(0), log_every=count(1), eval_metric=str, canny_low=positive_float, canny_high=positive_float,
+    eval_every=count(0), eval_pairs=count(1), eval_steps=count(1), eval_cfg=positive_float, checkpoint_every=count(1),
     keep_checkpoints=count(1), seed=count(0), threads=count(1), cond_emb_dim=count(1), mlp_dim=count(1),
     lllite_blocks=str)
 CHOICES = dict(mixed_precision=("fp32", "bf16", "fp16"), eval_metric=("fill50k-iou", "edge-f1", "none"),
@@ -349,8 +350,9 @@ def main(argv=None, base=None):
 def save(base, control, optimizer, scaler, out: Path, step: int, effective: int, keep: int, rank: int) -> None:
     """A checkpoint of the trained weights and everything a resume needs (rank 0 writes it)."""
     if rank == 0:
-        state = dict(step=step, samples_seen=step * effective, effective_batch=effective, torch_rng=torch.get_rng_state(),
-                     optimizer=optimizer.state_dict(), scaler=scaler.state_dict() if scaler else None)
+        state = dict(step=step, samples_seen=step * effective, effective_batch=effective,
+                     torch_rng=torch.get_rng_state(), optimizer=optimizer.state_dict(),
+                     scaler=scaler.state_dict() if scaler else None)
         checkpoint.save_checkpoint(out, step, checkpoint.trainable_weights(base, control), state, keep,
                                    metadata=control_io.branch_metadata(base, control))
 

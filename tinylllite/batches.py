@@ -72,7 +72,8 @@ class SampleStream(Dataset):
         index = dataset_index(self.seed, k, self.n)
         item = self.dataset[index]
         hint = torch.as_tensor(item["hint"]).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W), in [0, 1]
-        latent_shape = (self.latent_channels, hint.shape[1] // self.vae_scale_factor, hint.shape[2] // self.vae_scale_factor)
+        factor = self.vae_scale_factor
+        latent_shape = (self.latent_channels, hint.shape[1] // factor, hint.shape[2] // factor)  # (4, H/f, W/f)
         g = sample_generator(self.seed, k)  # the order of the draws below is part of the run's definition
         t = draw_timestep(g, self.num_train_timesteps, self.timestep_sampling)
         noise, vae_eps = torch.randn(latent_shape, generator=g), torch.randn(latent_shape, generator=g)
@@ -148,7 +149,8 @@ class LatentCache:
         latents, text = load_file(self.path / "latents.safetensors"), load_file(self.path / "text.safetensors")
         prompts = json.loads((self.path / "prompts.json").read_text())
         self.moments = {i: (m, s) for i, m, s in zip(latents["index"].tolist(), latents["mean"], latents["std"])}
-        self.text = {p: (text["hidden"][j], text["pooled"][j] if "pooled" in text else None) for j, p in enumerate(prompts)}
+        self.text = {p: (text["hidden"][j], text["pooled"][j] if "pooled" in text else None)
+                     for j, p in enumerate(prompts)}
         return True
 
     @torch.no_grad()

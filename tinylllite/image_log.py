@@ -1,12 +1,14 @@
-"""What a training run shows: image panels, the held-out fidelity evaluation, metrics.jsonl and its plot.
+"""What a training run shows: image panels, the fidelity evaluation, metrics.jsonl and its plot.
 
-Mirrors the original's `ImageLogger` (lllyasviel/ControlNet `cldm/logger.py`, `ControlLDM.log_images`;
-SPEC §3): every `logger_freq` steps (and at step 0) it writes, for 4 training items, the panels
-`control`, `reconstruction` (VAE round trip of the target), `conditioning` (the prompt drawn as text)
-and `samples_cfg_scale_9.00` (DDIM 50 steps, eta 0, CFG 9, unconditional = empty prompt + same hint)
-to `OUT/image_log/<panel>_gs-<step>.png`. Added: a fixed held-out grid and user validation pairs
+Mirrors the original's `ImageLogger` (lllyasviel/ControlNet `cldm/logger.py`, called from
+`tutorial_train.py` with `ControlLDM.log_images`): every `logger_freq` steps (and at step 0) it writes,
+for 4 training items, the panels `control`, `reconstruction` (VAE round trip of the target),
+`conditioning` (the prompt drawn as text) and `samples_cfg_scale_9.00` (DDIM 50 steps, eta 0, CFG 9,
+unconditional = empty prompt + same hint) to `OUT/image_log/<panel>_gs-<step>.png`, and once more at
+the last step. Added: a held-out grid that labels its rows and columns, user validation pairs
 (diffusers' `--validation_prompt/--validation_image`), all made by `sample.sample` with the weights in
-memory, and on Fill50K the fidelity metric (disc IoU, colour error) on held-out pairs of a separate seed.
+memory, and a control-fidelity number (Fill50K's disc IoU, or edge F1 on the user's Canny pairs) whose
+take-off is marked in the plot. `RunLog` calls all of it at the steps a run's settings name.
 Left out: the original's per-epoch folders and its EMA/`log_images` switches.
 """
 import json
@@ -243,7 +245,8 @@ class RunLog:
         started, s = time.time(), self.s
         with torch.no_grad(), autocast(self.base.device, s["mixed_precision"]):
             if s["eval_metric"] == "fill50k-iou":
-                scores = evaluate_fidelity(self.base, self.control, self.heldout, steps=s["eval_steps"], cfg=s["eval_cfg"])
+                scores = evaluate_fidelity(self.base, self.control, self.heldout, steps=s["eval_steps"],
+                                           cfg=s["eval_cfg"])
             else:
                 scores = evaluate_edge_f1(self.base, self.control, self.heldout, steps=s["eval_steps"],
                                           cfg=s["eval_cfg"], low=s["canny_low"], high=s["canny_high"])

@@ -45,7 +45,8 @@ def diffusion_loss(base: StableDiffusionBase, control, scheduler: DDPMScheduler,
     return per_sample.mean()
 
 
-def prepare_trainable(base: StableDiffusionBase, control, sd_locked: bool = True) -> list[tuple[str, torch.nn.Parameter]]:
+def prepare_trainable(base: StableDiffusionBase, control,
+                      sd_locked: bool = True) -> list[tuple[str, torch.nn.Parameter]]:
     """Freeze the base, unfreeze exactly the branch (and the UNet decoder when not sd_locked), name each trainable
     parameter by where it lives: the paper, Sec. 3.2, trains the copy and keeps the locked model fixed."""
     for part in base.parts().values():

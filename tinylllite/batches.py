@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from tqdm import tqdm
 
 from tinylllite.base import StableDiffusionBase
 
@@ -159,7 +160,7 @@ class LatentCache:
         encoder) in batches, then save."""
         prompts = {""}
         loader = DataLoader(ItemImages(dataset), batch_size=batch_size, sampler=range(n), num_workers=workers)
-        for batch in loader:
+        for batch in tqdm(loader, desc="caching latents", unit="batch"):
             images = batch["image"].to(base.vae.device, base.vae.dtype)
             dist = base.vae.encode(images).latent_dist  # a Gaussian over (B, 4, H/f, W/f) latents
             for i, m, s in zip(batch["index"].tolist(), dist.mean.cpu(), dist.std.cpu()):

@@ -15,11 +15,15 @@ Reading order:
    base.py            StableDiffusionBase: UNet, VAE, text encoders, SD's noise schedule
    tokenizer.py       the CLIP tokenizer, offline
    tiny_sd.py         the tiny SD shipped with the package, trainable on a CPU
-3. Training and sampling
-   training.py        the pieces of one training step
+3. Training and sampling (tutorial_train.py at the top of the repository is the loop)
+   training.py        the pieces of one training step: schedule, loss, optimizer step, gradient averaging
+   batches.py         samples -> batches: per-sample random draws, DataLoader workers, the latent cache
+   stopping.py        when a run stops: --max-steps, Ctrl-C, --max-minutes from the start of the process
    sample.py          images from a base (+ branch): DDIM / UniPC, CFG, the control knobs
-   image_log.py       the image log and metrics of a run
-   datasets.py, fill50k.py, canny.py, kohya_toml.py, dataset_check.py, fidelity.py, nan_guard.py
+   image_log.py       the image log, metrics and evaluations of a run
+   fidelity.py        Fill50K's disc IoU and colour error; edge_fidelity.py: edge F1 for Canny data
+   datasets.py, fill50k.py, canny.py, kohya_toml.py, dataset_check.py, nan_guard.py
+   notebook_setup.py  the notebooks' switch between the tiny SD on a CPU and your SD1.5 on a GPU
 4. Files on disk
    state_dicts.py     opening and writing weight files, atomically; unreadable files refused
    identify.py        what a file or folder holds: layout, branch or base, SD family

@@ -16,18 +16,15 @@ import os
 import time
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
-
 from tqdm import tqdm
 
 from tinylllite.sample import sample
 from tinylllite.training import autocast
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
 
 def save_png(image: np.ndarray, path: Path) -> None:
@@ -176,7 +173,8 @@ class MetricsLog:
                          if k not in ("step", *self.NOT_PLOTTED) and isinstance(v, (int, float))})
         if not fields:
             return None
-        figure, axes = plt.subplots(len(fields), 1, figsize=(6, 2.2 * max(len(fields), 1)), squeeze=False)
+        figure = Figure(figsize=(6, 2.2 * len(fields)))  # drawn off-screen: no pyplot, no backend chosen
+        axes = figure.subplots(len(fields), 1, squeeze=False)
         take_off = self.take_off(events)
         for axis, name in zip(axes[:, 0], fields):
             points = [(e["step"], e[name]) for e in events if name in e]
@@ -192,7 +190,6 @@ class MetricsLog:
         out = self.path.with_suffix(".png")
         tmp = out.with_name(out.name + ".tmp")
         figure.savefig(tmp, format="png", dpi=80)
-        plt.close(figure)
         os.replace(tmp, out)
         return out
 

@@ -78,3 +78,24 @@ def test_checkpoints_hold_only_the_trained_weights():
     set_trainable(base.unet, control, sd_locked=False)
     decoder = checkpoint.trainable_weights(base, control)["unet_decoder"]
     assert decoder and all(k.startswith(("up_blocks.", "conv_norm_out.", "conv_out.")) for k in decoder)
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "safetensors"])
+def test_a_failed_save_leaves_no_tmp_folder_and_names_the_checkpoint(tmp_path, monkeypatch, writer):
+    """Disk full in either writer: no step_N.tmp/ is left, the error names step_N, step 1 still loads."""
+    from safetensors import SafetensorError
+
+    from tinylllite import state_dicts
+
+    checkpoint.save_checkpoint(tmp_path, 1, fake_weights(1.0), {"step": 1})
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device") if writer == "torch.save" else SafetensorError("IoError")
+
+    target = (checkpoint.torch, "save") if writer == "torch.save" else (state_dicts, "save_file")
+    with monkeypatch.context() as patch:
+        patch.setattr(*target, disk_full)
+        with pytest.raises(OSError, match=r"step_0000002 .*step_0000001 is intact"):
+            checkpoint.save_checkpoint(tmp_path, 2, fake_weights(2.0), {"step": 2})
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000001"]
+    assert checkpoint.load_checkpoint(tmp_path)[1] == {"step": 1}

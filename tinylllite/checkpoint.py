@@ -12,18 +12,26 @@ pickle). Here a checkpoint is a folder `OUT/checkpoints/step_0001200/` holding
   `torch.load(weights_only=True)`, so loading executes no code).
 
 Writes are atomic: the folder is assembled as `step_N.tmp/` and renamed in one `os.replace`, so a run
-killed mid-save leaves the previous checkpoint intact. Only the last K are kept.
+killed mid-save leaves the previous checkpoint intact, and a failed save (disk full) leaves no
+`.tmp` folder and names the checkpoint it could not write. Only the last K are kept.
 """
 import re
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from tinylllite.base import StableDiffusionBase
 from tinylllite.control_branch import branch_state_dict, load_branch_state_dict
 from tinylllite.control_io import load_any_control
+from tinylllite.errors import InputError
 from tinylllite.state_dicts import atomic_folder, open_state_dict, save_state_dict
+
+
+class CheckpointWriteError(InputError, OSError):
+    """A checkpoint could not be written (disk full, no permission): an OSError that commands report in one line."""
+
 
 STEP_DIR = re.compile(r"^step_(\d{7})$")
 STATE_FILE = "training_state.pt"
@@ -57,11 +65,18 @@ def save_checkpoint(run_dir, step: int, weights: dict[str, dict[str, torch.Tenso
     final = Path(run_dir) / "checkpoints" / f"step_{step:07d}"
     if final.exists():  # e.g. Ctrl-C right after the periodic save of the same step
         return final
-    with atomic_folder(final) as tmp:
-        for stem, tensors in weights.items():
-            extra = metadata if stem == "control" else None
-            save_state_dict(tensors, tmp / f"{stem}.safetensors", {**(extra or {}), "format": "pt", "step": str(step)})
-        torch.save(state, tmp / STATE_FILE)
+    try:
+        with atomic_folder(final) as tmp:  # on any failure the step_N.tmp/ folder is removed
+            for stem, tensors in weights.items():
+                extra = metadata if stem == "control" else None
+                save_state_dict(tensors, tmp / f"{stem}.safetensors",
+                                {**(extra or {}), "format": "pt", "step": str(step)})
+            torch.save(state, tmp / STATE_FILE)
+    except (OSError, SafetensorError) as error:  # disk full, no permission (safetensors has its own type)
+        kept = list_checkpoints(run_dir)
+        then = f"{kept[-1]} is intact: resume with --resume-from {run_dir}" if kept else "start again"
+        raise CheckpointWriteError(f"could not write the checkpoint {final} ({error}); make room (or fix "
+                                   f"permissions), then {then}") from error
     for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old)
     return final

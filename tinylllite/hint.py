@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from tinylllite.errors import InputError
+
 STAGE_CHANNELS = (16, 32, 96, 256)  # channels after conv_in and after each stride-2 stage
 RANGE_TOLERANCE = 1e-2  # resizing may overshoot [0, 1] a little; [-1, 1] or [0, 255] inputs are the real mistakes
 
@@ -44,25 +46,27 @@ def check_hint(hint: torch.Tensor, channels: int = 3, vae_scale_factor: int | No
     """The one check of a control image, for ControlNet and LLLite alike: (B, channels, H, W), values in [0, 1].
 
     With `vae_scale_factor`, H and W must also be multiples of it, so the hint lands exactly on the latent
-    grid. Raises a ValueError that says what is wrong and how to fix it.
+    grid. Raises an InputError (a ValueError) that says what is wrong and how to fix it.
     """
     if hint.ndim != 4 or hint.shape[1] != channels:
-        raise ValueError(
+        raise InputError(
             f"hint has shape {tuple(hint.shape)}; expected (B, {channels}, H, W) RGB, channels first "
             f"(an HWC image needs .permute(0, 3, 1, 2))"
         )
     height, width = hint.shape[-2:]
     f = vae_scale_factor
     if f and (height % f or width % f):
-        raise ValueError(
+        raise InputError(
             f"hint is {height}x{width} pixels; both sides must be multiples of the VAE factor {f} so that it "
             f"lands exactly on the latent grid (resize or crop it to {height // f * f}x{width // f * f})"
         )
-    if hint.is_meta or hint.numel() == 0:
-        return
-    low, high = hint.min().item(), hint.max().item()
+    if hint.is_meta or hint.numel() == 0 or torch.compiler.is_compiling():
+        return  # inside torch.compile the host read below would split the graph at every call
+    low, high = torch.stack(torch.aminmax(hint.detach())).float().tolist()  # one device -> host read
+    if math.isnan(low) or math.isnan(high):
+        raise InputError("hint holds NaN values; control images are RGB in [0, 1]: check how the hint was made")
     if low < -RANGE_TOLERANCE or high > 1 + RANGE_TOLERANCE:
-        raise ValueError(
+        raise InputError(
             f"hint values lie in [{low:.3g}, {high:.3g}]; control images are RGB in [0, 1] "
             f"(divide uint8 images by 255; map [-1, 1] images with (x + 1) / 2)"
         )

@@ -2,8 +2,9 @@
 
 The original trainer keeps going after a NaN and writes checkpoints full of them; fp16 users of it
 report black images hours later. Here the loss is checked every micro-batch and the gradients before
-every optimizer step. Under fp16 loss scaling an inf gradient is expected now and then (the scaler
-skips that step and halves its scale), so there only a collapsed scale stops the run.
+every optimizer step, with one device -> host read for all of them. Under fp16 loss scaling an inf
+gradient is expected now and then (the scaler skips that step and halves its scale), so there only a
+collapsed scale stops the run.
 """
 import math
 
@@ -25,12 +26,18 @@ def check_loss(loss: torch.Tensor, step: int) -> None:
 
 
 def check_gradients(named_params: list[tuple[str, torch.nn.Parameter]], step: int) -> None:
-    """Raise naming the first parameter (module path) whose gradient holds NaN or inf."""
-    for name, param in named_params:
-        if param.grad is not None and not torch.isfinite(param.grad).all():
-            bad = "NaN" if torch.isnan(param.grad).any() else "inf"
-            raise NonFiniteError(f"{bad} in the gradient of {name} {tuple(param.shape)} at optimizer step {step} "
-                                 f"(backward pass). {ADVICE}")
+    """Raise naming the first parameter (module path) whose gradient holds NaN or inf.
+
+    One device -> host read per step when all is finite (SD1.5's ControlNet has 340 gradient tensors; a read
+    per tensor would stall the GPU 340 times); the culprit is looked for only after a failure.
+    """
+    grads = [(name, param) for name, param in named_params if param.grad is not None]
+    if not grads or bool(torch.stack([torch.isfinite(p.grad).all() for _, p in grads]).all()):
+        return
+    name, param = next((n, p) for n, p in grads if not torch.isfinite(p.grad).all())
+    bad = "NaN" if torch.isnan(param.grad).any() else "inf"
+    raise NonFiniteError(f"{bad} in the gradient of {name} {tuple(param.shape)} at optimizer step {step} "
+                         f"(backward pass). {ADVICE}")
 
 
 def check_loss_scale(scaler: torch.amp.GradScaler | None, step: int) -> None:

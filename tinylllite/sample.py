@@ -10,16 +10,23 @@ branch = empty prompt + the SAME hint) and diffusers'
 (control on the conditional half only, residual i scaled by logspace(-1, 0, n)[i]) and
 `control_guidance_start/end` (the fraction of steps in which control is applied). LLLite gets its
 `multiplier` and the same window. The original ramps guess mode as 0.825 ** (12 - i) instead: the same
-curve rounded, within 9.4e-4 of diffusers'.
+curve rounded, within 9.4e-4 of diffusers'. As in diffusers' pipeline, both halves of CFG run as one
+batch [uncond; cond] of 2B (guess mode, whose unconditional half is the plain UNet, runs them apart).
 
 Also makes a synthetic training set from the base alone, as kohya's LLLite guide does: prompts with
 `{a|b|c}` wildcards (every combination is expanded), N images each, the prompt saved in each PNG's
-"prompt" text chunk. Left out: img2img, inpainting, negative-prompt weighting, schedulers beyond two.
+"prompt" text chunk and in a kohya caption file beside it. Settings that would fail late, run for
+minutes on a useless size or silently skip the control are refused up front, as are outputs that
+exist (unless --overwrite). Left out: img2img, inpainting, negative-prompt weighting, schedulers
+beyond two.
 """
 import argparse
 import itertools
+import math
 import os
 import re
+import shutil
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +37,13 @@ from PIL.PngImagePlugin import PngInfo
 
 from tinylllite.base import StableDiffusionBase
 from tinylllite.control_branch import conditioned, control_kind, guess_mode_scales, unet_prediction
+from tinylllite.datasets import IMAGE_EXTENSIONS
+from tinylllite.errors import InputError, run_command
 from tinylllite.hint import check_hint
 
 SAMPLERS = {"ddim": DDIMScheduler, "unipc": UniPCMultistepScheduler}
+MAX_SIZE_FACTOR = 2  # images over 2x the base's native side take minutes and come out as repeated tiles
+CAPTION_EXTENSION = ".txt"  # kohya's caption files, written beside synthesized images
 
 
 def make_sampler(base: StableDiffusionBase, sampler: str = "ddim"):
@@ -51,19 +62,61 @@ def hint_tensor(hint, batch: int, device, dtype) -> torch.Tensor:
         hint = np.stack(hint)
     if isinstance(hint, np.ndarray):
         if hint.dtype != np.uint8 or hint.shape[-1] != 3:
-            raise ValueError(f"a hint array must be uint8 (H, W, 3) or (B, H, W, 3) RGB; got {hint.dtype} {hint.shape}")
+            raise InputError(f"a hint array must be uint8 (H, W, 3) or (B, H, W, 3) RGB; got {hint.dtype} {hint.shape}")
         hint = torch.from_numpy(hint.reshape(-1, *hint.shape[-3:]).copy()).permute(0, 3, 1, 2).float() / 255  # (B, H, W, 3) -> (B, 3, H, W)
     check_hint(hint)
     if hint.shape[0] == 1:
         hint = hint.expand(batch, -1, -1, -1)
     if hint.shape[0] != batch:
-        raise ValueError(f"{hint.shape[0]} hints for {batch} prompts: give one hint or one per prompt")
+        raise InputError(f"{hint.shape[0]} hints for {batch} prompts: give one hint or one per prompt")
     return hint.to(device=device, dtype=dtype)
 
 
 def in_window(step: int, steps: int, start: float, end: float) -> bool:
     """diffusers' control_guidance_start/end rule: step i of n runs with control iff start <= i/n and (i+1)/n <= end."""
     return not (step / steps < start or (step + 1) / steps > end)
+
+
+def check_knobs(prompts: list, steps: int, cfg: float, strength: float, control_start: float, control_end: float,
+                max_steps: int, control=None) -> None:
+    """Refuse settings that would fail late or silently do nothing; each message names the setting and its flag."""
+    if not prompts:
+        raise InputError("no prompts: give at least one (--prompt TEXT)")
+    if not 1 <= steps <= max_steps:
+        raise InputError(f"steps={steps} (--steps): give between 1 and {max_steps} denoising steps "
+                         f"(the base was trained on {max_steps} timesteps)")
+    if not (math.isfinite(cfg) and cfg >= 0):
+        raise InputError(f"cfg={cfg} (--cfg): the guidance scale must be 0 or more (1 turns guidance off; the "
+                         "original uses 9)")
+    if not (math.isfinite(strength) and strength >= 0):
+        raise InputError(f"strength={strength} (--strength): the control strength must be 0 or more (0 = no control)")
+    if not 0 <= control_start < control_end <= 1:
+        raise InputError(f"control window [{control_start}, {control_end}] (--control-start, --control-end): "
+                         "give 0 <= start < end <= 1, the fractions of the steps that run with control")
+    if control is not None and not any(in_window(i, steps, control_start, control_end) for i in range(steps)):
+        raise InputError(f"control window [{control_start}, {control_end}] holds none of the {steps} steps, so the "
+                         "control would never run: widen it (--control-start, --control-end) or raise --steps")
+
+
+def check_image_size(base: StableDiffusionBase, height: int, width: int, what: str) -> None:
+    """Sides must land on the latent grid and stay within MAX_SIZE_FACTOR x the base's native size."""
+    factor = base.vae_scale_factor
+    if height % factor or width % factor:
+        raise InputError(f"{what} is {height}x{width} pixels; both sides must be multiples of the VAE factor {factor}")
+    native = base.unet.config.sample_size * factor
+    if max(height, width) > MAX_SIZE_FACTOR * native:
+        raise InputError(f"{what} is {height}x{width} pixels, over {MAX_SIZE_FACTOR}x this base's native {native} px: "
+                         f"sampling would be slow and the image useless; resize it to {native}x{native}")
+
+
+def cfg_halves(tensors):
+    """A tensor (2B, ...) stacked as [uncond; cond], or a dict of them (SDXL) or None -> (uncond half, cond half)."""
+    if tensors is None:
+        return None, None
+    if isinstance(tensors, dict):
+        halves = {name: value.chunk(2) for name, value in tensors.items()}
+        return tuple({name: pair[i] for name, pair in halves.items()} for i in range(2))
+    return tensors.chunk(2)  # (2B, ...) -> 2 x (B, ...)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -82,7 +135,13 @@ def sample(base: StableDiffusionBase, prompts, control=None, hint=None, steps: i
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     kind, unet = control_kind(control), base.unet
     if kind is not None and hint is None:
-        raise ValueError(f"sampling with a {kind} needs hint=...; pass control=None for the base alone")
+        raise InputError(f"sampling with a {kind} needs a hint image (hint=..., --hint IMAGE); "
+                         "pass control=None for the base alone")
+    if kind is None and hint is not None:
+        raise InputError("a hint image was given without a control to read it: give the ControlNet or LLLite "
+                         "(control=..., --control FILE) or drop the hint")
+    check_knobs(prompts, steps, cfg, strength, control_start, control_end,
+                base.noise_schedule_config["num_train_timesteps"], control)
     scales = guess_mode_scales(control) if guess_mode else None  # ControlNet only; SD: 12 encoder skips + 1 middle
     if hint is not None:
         hint = hint_tensor(hint, len(prompts), base.device, unet.dtype)
@@ -90,8 +149,7 @@ def sample(base: StableDiffusionBase, prompts, control=None, hint=None, steps: i
     factor = base.vae_scale_factor
     height = height or unet.config.sample_size * factor
     width = width or unet.config.sample_size * factor
-    if height % factor or width % factor:
-        raise ValueError(f"image size {height}x{width} must be a multiple of the VAE factor {factor}")
+    check_image_size(base, height, width, "the hint" if hint is not None else "the image size (--height, --width)")
 
     scheduler = make_sampler(base, sampler)
     scheduler.set_timesteps(steps, device=base.device)
@@ -99,24 +157,33 @@ def sample(base: StableDiffusionBase, prompts, control=None, hint=None, steps: i
     noise = [torch.randn(latent_shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(len(prompts))]
     latents = torch.stack(noise).to(base.device, unet.dtype) * scheduler.init_noise_sigma  # (B, 4, h, w)
 
-    hidden_c, pooled_c = base.encode_prompt(prompts)
-    hidden_u, pooled_u = base.encode_prompt([negative_prompt] * len(prompts))
-    added_c = base.added_cond_kwargs(pooled_c, height, width)
-    added_u = base.added_cond_kwargs(pooled_u, height, width)
+    # Classifier-free guidance batches the negative prompt before the prompt: (2B, 77, D) = [uncond; cond]
+    guided = cfg != 1.0
+    hidden, pooled = base.encode_prompt([negative_prompt] * len(prompts) + prompts if guided else prompts)
+    added = base.added_cond_kwargs(pooled, height, width)
     step_kwargs = {"eta": eta, "generator": torch.Generator().manual_seed(seed)} if sampler == "ddim" else {}
+    predict = partial(unet_prediction, base, control, scales=scales, only_mid_control=only_mid_control,
+                      lllite_multiplier=lllite_multiplier)
 
     with conditioned(control, hint) as step_hint:  # an LLLite embeds the hint once for all timesteps
         for i, t in enumerate(scheduler.timesteps):
             s = strength if in_window(i, len(scheduler.timesteps), control_start, control_end) else 0.0
-            x = scheduler.scale_model_input(latents, t)
-            t_batch = t.expand(len(prompts))  # (B,)
-            common = dict(hint=step_hint, scales=scales, only_mid_control=only_mid_control,
-                          lllite_multiplier=lllite_multiplier)
-            eps = unet_prediction(base, control, x, t_batch, hidden_c, added_c, strength=s, **common)
-            if cfg != 1.0:
-                # guess mode: the unconditional half sees no control at all (diffusers, original)
-                eps_u = unet_prediction(base, control, x, t_batch, hidden_u, added_u,
-                                        strength=0.0 if guess_mode else s, **common)
+            x = scheduler.scale_model_input(latents, t)  # (B, 4, h, w)
+            if not guided:
+                eps = predict(x, t.expand(len(prompts)), hidden, added, hint=step_hint, strength=s)
+            elif guess_mode:
+                # guess mode: the unconditional half sees no control at all (diffusers, original), so it is
+                # the plain UNet and runs on its own
+                (hidden_u, hidden_c), (added_u, added_c) = cfg_halves(hidden), cfg_halves(added)
+                eps_u = predict(x, t.expand(len(prompts)), hidden_u, added_u, strength=0.0)
+                eps = predict(x, t.expand(len(prompts)), hidden_c, added_c, hint=step_hint, strength=s)
+                eps = eps_u + cfg * (eps - eps_u)
+            else:
+                # one call for both halves; the unconditional half reads the same hint (the original's
+                # log_images; an LLLite repeats its embedding to the doubled batch itself)
+                doubled_hint = None if step_hint is None else torch.cat([step_hint, step_hint])  # (2B, 3, H, W)
+                eps_u, eps = predict(torch.cat([x, x]), t.expand(2 * len(prompts)), hidden, added,
+                                     hint=doubled_hint, strength=s).chunk(2)  # (2B, 4, h, w) -> 2 x (B, 4, h, w)
                 eps = eps_u + cfg * (eps - eps_u)
             latents = scheduler.step(eps, t, latents, **step_kwargs).prev_sample
     vae = base.vae
@@ -139,20 +206,51 @@ def save_png_with_prompt(image: np.ndarray, path: Path, prompt: str) -> None:
     os.replace(tmp, path)
 
 
+def check_dataset_folder(folder: Path, overwrite: bool) -> None:
+    """A synthesized set goes into a new or empty folder, or with `overwrite` over an earlier set (images
+    and captions only, so no other file of the user's is ever deleted)."""
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"--out {folder} is a file; --synthesize writes a folder of images: give a new folder")
+    entries = sorted(folder.iterdir()) if folder.is_dir() else []
+    if entries and not overwrite:
+        raise InputError(f"--out {folder} already holds {len(entries)} entries; give a new or empty folder, or pass "
+                         "--overwrite to replace the images and captions in it")
+    foreign = [p.name for p in entries if not p.is_file() or p.suffix.lower() not in (*IMAGE_EXTENSIONS,
+                                                                                        CAPTION_EXTENSION)]
+    if foreign:
+        raise InputError(f"--out {folder} holds more than images and captions ({', '.join(foreign[:5])}), so it "
+                         "is not replaced even with --overwrite; give a new folder")
+
+
 def synthesize_dataset(base: StableDiffusionBase, prompts: list[str], out_dir, n_per_prompt: int = 4,
-                       batch_size: int = 8, seed: int = 0, **sample_kwargs) -> list[Path]:
-    """Images from the base alone for every expanded prompt, n each, saved as out_dir/{i}.png with their prompt."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+                       batch_size: int = 8, seed: int = 0, overwrite: bool = False, **sample_kwargs) -> list[Path]:
+    """Images from the base alone for every expanded prompt, n each: out_dir/{i}.png with the prompt in the PNG
+    and in kohya's caption file out_dir/{i}.txt.
+
+    The set is built in `<out_dir>.partial` and takes out_dir's place only when complete, so a failure
+    leaves an earlier set as it was, and a replaced set leaves no stale image or caption behind.
+    """
+    if n_per_prompt < 1 or batch_size < 1:
+        raise InputError(f"n_per_prompt={n_per_prompt} (--n-per-prompt), batch_size={batch_size}: both must be 1 "
+                         "or more")
+    out_dir = Path(out_dir).absolute()
+    check_dataset_folder(out_dir, overwrite)
     jobs = [p for prompt in prompts for p in expand_wildcards(prompt) for _ in range(n_per_prompt)]
-    paths = []
-    for start in range(0, len(jobs), batch_size):
-        batch = jobs[start:start + batch_size]
-        images = sample(base, batch, seed=seed + start, **sample_kwargs)
-        for offset, (image, prompt) in enumerate(zip(images, batch)):
-            paths.append(out_dir / f"{start + offset}.png")
-            save_png_with_prompt(image, paths[-1], prompt)
-    return paths
+    partial_dir = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial_dir, ignore_errors=True)  # left by a killed run
+    partial_dir.mkdir(parents=True)
+    try:
+        for start in range(0, len(jobs), batch_size):
+            batch = jobs[start:start + batch_size]
+            images = sample(base, batch, seed=seed + start, **sample_kwargs)
+            for offset, (image, prompt) in enumerate(zip(images, batch)):
+                save_png_with_prompt(image, partial_dir / f"{start + offset}.png", prompt)
+                (partial_dir / f"{start + offset}{CAPTION_EXTENSION}").write_text(prompt + "\n", encoding="utf-8")
+        shutil.rmtree(out_dir, ignore_errors=True)  # checked above: nothing but an earlier set's images and captions
+        os.replace(partial_dir, out_dir)
+    finally:
+        shutil.rmtree(partial_dir, ignore_errors=True)
+    return [out_dir / f"{i}.png" for i in range(len(jobs))]
 
 
 def load_base_or_tiny(path: str) -> StableDiffusionBase:
@@ -166,13 +264,40 @@ def load_base_or_tiny(path: str) -> StableDiffusionBase:
     return load_base(path)
 
 
+def read_hint_image(path: str) -> np.ndarray:
+    """--hint IMAGE -> uint8 (H, W, 3) RGB; a missing or unreadable file is refused naming it."""
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (OSError, ValueError) as error:  # missing file, not an image, truncated image
+        raise InputError(f"--hint {path} cannot be read as an image ({error}); give a PNG or JPG file") from None
+
+
+def output_paths(out: Path, count: int, overwrite: bool) -> list[Path]:
+    """--out for `count` images (one: out itself; more: out_0.png, out_1.png, ...), refused before any work
+    if a path is taken (unless --overwrite) or is not a .png."""
+    if out.suffix.lower() != ".png":
+        raise InputError(f"--out {out}: sampling writes PNG images; give a file name ending in .png "
+                         "(or use --synthesize for a folder)")
+    paths = [out] if count == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(count)]
+    for path in paths:
+        if path.is_dir():
+            raise InputError(f"--out {path} is a folder; give a file name ending in .png")
+        if path.exists() and not overwrite:
+            raise InputError(f"--out {path} already exists; give another name, or pass --overwrite to replace it")
+    return paths
+
+
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Sample from a base (+ ControlNet or LLLite), or synthesize a dataset.")
+    parser = argparse.ArgumentParser(prog="python -m tinylllite.sample", description="Sample from a base "
+                                     "(+ ControlNet or LLLite), or synthesize a dataset.")
     parser.add_argument("--base", default="tiny", help="'tiny' or an SD checkpoint file / diffusers folder")
     parser.add_argument("--control", help="a control .safetensors (ControlNet or LLLite) or a training checkpoint dir")
     parser.add_argument("--hint", help="conditioning image (RGB PNG/JPG) for --control")
     parser.add_argument("--prompt", action="append", required=True, help="repeatable; {a|b} wildcards expand")
     parser.add_argument("--out", required=True, help="output PNG (sampling) or folder (--synthesize)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out (PNG, or an earlier "
+                                                                 "synthesized set)")
     parser.add_argument("--synthesize", action="store_true", help="write a dataset of N images per prompt to --out")
     parser.add_argument("--n-per-prompt", type=int, default=1)
     parser.add_argument("--steps", type=int, default=50)
@@ -188,32 +313,40 @@ def main(argv=None) -> None:
     parser.add_argument("--width", type=int)
     args = parser.parse_args(argv)
 
-    base = load_base_or_tiny(args.base)
+    # everything the user gave is checked before the (slow) base is loaded
+    if args.n_per_prompt < 1:
+        raise InputError(f"--n-per-prompt {args.n_per_prompt}: give 1 or more images per prompt")
+    if bool(args.control) != bool(args.hint):
+        raise InputError("--control and --hint go together: a control reads the hint image, and a hint needs a "
+                         "control (give both, or neither for the base alone)")
     knobs = dict(steps=args.steps, cfg=args.cfg, sampler=args.sampler, height=args.height, width=args.width)
+    out = Path(args.out)
     if args.synthesize:
-        paths = synthesize_dataset(base, args.prompt, args.out, args.n_per_prompt, seed=args.seed, **knobs)
-        print(f"wrote {len(paths)} images to {args.out}")
+        if args.control:
+            raise InputError("--synthesize makes images from the base alone; drop --control and --hint")
+        check_dataset_folder(out, args.overwrite)
+        base = load_base_or_tiny(args.base)
+        paths = synthesize_dataset(base, args.prompt, out, args.n_per_prompt, seed=args.seed,
+                                   overwrite=args.overwrite, **knobs)
+        print(f"wrote {len(paths)} images and captions to {out}")
         return
-    control, hint = None, None
+    prompts = [p for prompt in args.prompt for p in expand_wildcards(prompt) for _ in range(args.n_per_prompt)]
+    paths = output_paths(out, len(prompts), args.overwrite)
+    hint = read_hint_image(args.hint) if args.hint else None
+    base = load_base_or_tiny(args.base)
+    control = None
     if args.control:
         from tinylllite.checkpoint import load_control
 
         control = load_control(base, args.control)
-        if not args.hint:
-            parser.error("--control needs --hint IMAGE")
-    if args.hint:
-        hint = np.asarray(Image.open(args.hint).convert("RGB"))
-    prompts = [p for prompt in args.prompt for p in expand_wildcards(prompt) for _ in range(args.n_per_prompt)]
     images = sample(base, prompts, control, hint, strength=args.strength, guess_mode=args.guess_mode,
                     control_start=args.control_start, control_end=args.control_end,
                     lllite_multiplier=args.lllite_multiplier, seed=args.seed, **knobs)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    for i, (image, prompt) in enumerate(zip(images, prompts)):
-        path = out if len(images) == 1 else out.with_name(f"{out.stem}_{i}{out.suffix}")
+    for path, image, prompt in zip(paths, images, prompts):
         save_png_with_prompt(image, path, prompt)
         print(path)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_command("python -m tinylllite.sample", main))

@@ -19,6 +19,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -48,7 +49,7 @@ CONTROLNET = dict(
     use_8bit_adam=False,
     cache=False,  # encode every image and prompt once, up front, into --cache-dir (on the tiny SD the fill costs
     # about what it saves in 10 minutes: the encoders are ~12 % of a step and the fill is one epoch of encoding)
-    data_workers=0,  # DataLoader worker processes decoding images ahead (a 64 px batch decodes in milliseconds)
+    data_workers=1,  # a DataLoader worker prepares the next batch (decode, VAE, text) on the core training leaves idle
     logger_freq=500,  # image log every this many optimizer steps (and at step 0); 0 = off
     log_every=10,  # loss line in metrics.jsonl
     eval_metric="fill50k-iou",  # control fidelity on held-out pairs: fill50k-iou, edge-f1 (your Canny data) or none
@@ -165,6 +166,7 @@ def open_data(args, settings: dict, base, tiny: bool, rank: int):
     Only the tiny SD's own default folder is ever created; a given --data must exist. The data says what
     it is: Fill50K's IoU is computed only when every caption is a Fill50K prompt."""
     from tinylllite.dataset_check import open_checked
+    from tinylllite.sample import check_image_size
 
     size = base.unet.config.sample_size * base.vae_scale_factor
     data = Path(args.data or (f"./training/fill50k_{size}" if tiny else "./training/fill50k"))
@@ -176,11 +178,24 @@ def open_data(args, settings: dict, base, tiny: bool, rank: int):
     if dist.is_initialized():
         dist.barrier()
     checked = open_checked(data, multiple=base.vae_scale_factor)
+    check_image_size(base, *checked.dataset[0]["hint"].shape[:2], f"--data {data}: its images")
     if settings["eval_metric"] == "fill50k-iou" and settings["eval_every"] and not checked.is_fill50k:
         raise InputError(f"--data {data} is not Fill50K (not every caption reads '<colour> circle with <colour> "
                          f"background'), so its IoU cannot be measured: use --eval-metric edge-f1 for Canny hints, "
                          f"or --eval-metric none")
     return checked.dataset, data
+
+
+def validation_pairs(args, base) -> list[tuple[str, np.ndarray]]:
+    """--validation-prompt/--validation-image pairs, each image read and size-checked now, not at the first log."""
+    from tinylllite.sample import check_image_size, read_hint_image
+
+    pairs = []
+    for prompt, path in zip(args.validation_prompt, args.validation_image):
+        hint = read_hint_image(path, "--validation-image")
+        check_image_size(base, *hint.shape[:2], f"--validation-image {path}")
+        pairs.append((prompt, hint))
+    return pairs
 
 
 def heldout_pairs(settings: dict, base, dataset, eval_seed: int) -> tuple[list, int]:
@@ -293,10 +308,9 @@ def main(argv=None, base=None):
                                   scheduler.config.num_train_timesteps, s.prompt_dropout, s.timestep_sampling)
     effective = s.batch_size * s.gradient_accumulation * world
     step = resume(args.resume_from, base, control, optimizer, scaler, effective) if args.resume_from else 0
-    samples = iter(batches.sample_loader(
-        stream, batches.rank_sample_numbers(step, s.batch_size, s.gradient_accumulation, world, rank), s.batch_size,
-        s.data_workers, pin_memory=device.type == "cuda"))
-    validation = list(zip(args.validation_prompt, args.validation_image))
+    train_batches = batches.training_batches(stream, encode, device, step, s.batch_size, s.gradient_accumulation,
+                                             world, rank, s.data_workers)
+    validation = validation_pairs(args, base)
     log = image_log.RunLog(out, settings, base, control, dataset, validation, stop, heldout,
                            resumed_at=step if args.resume_from else None) if rank == 0 else None
     if rank == 0:
@@ -320,7 +334,7 @@ def main(argv=None, base=None):
             for micro in range(s.gradient_accumulation):
                 if averager:
                     averager.last_micro_batch = micro == s.gradient_accumulation - 1
-                batch = encode(next(samples))  # this process's slice of the run's samples, decoded ahead
+                batch = next(train_batches)  # this process's slice of the run's samples, prepared ahead
                 with autocast:
                     loss = training.diffusion_loss(base, control, scheduler, batch, s.snr_gamma, s.only_mid_control)
                 nan_guard.check_loss(loss, step)

@@ -217,3 +217,22 @@ def test_resume_path_with_an_lllite_file_for_a_controlnet_is_refused_before_trai
     attach_lllite(tiny_base().unet).save_kohya(tmp_path / "kohya.safetensors")
     with pytest.raises(InputError, match="kohya.safetensors"):
         train(data, tmp_path / "run", "--max-steps", 1, "--resume-path", tmp_path / "kohya.safetensors")
+
+
+def test_an_unreadable_validation_image_is_refused_before_training(data, tmp_path):
+    """--validation-image is read when the run starts, not at its first image log: a text file is named at once."""
+    (tmp_path / "hint.png").write_text("not an image")
+    with pytest.raises(InputError, match=r"--validation-image .*hint\.png cannot be read"):
+        train(data, tmp_path / "run", "--max-steps", 1, "--validation-prompt", "a red circle",
+              "--validation-image", tmp_path / "hint.png")
+    assert not (tmp_path / "run").exists()
+
+
+def test_data_far_larger_than_the_base_is_refused_up_front(tmp_path):
+    """512 px pairs on the 64 px tiny-SD-sized base would train for minutes on a useless size: refused, named."""
+    from tinylllite.fill50k import write_fill50k
+
+    big = tmp_path / "fill50k_512"
+    write_fill50k(big, n=2, size=512, seed=0, workers=1)
+    with pytest.raises(InputError, match=r"--data .*fill50k_512.* resize"):
+        train(big, tmp_path / "run", "--max-steps", 1)

@@ -7,8 +7,9 @@ resumed, decoded in the main process or in DataLoader workers. The tests rely on
 
 The GPU should never wait for data (diffusers' `train_controlnet.py` decodes images in the main process
 and runs the VAE and the text encoder every step). Here:
-- `SampleStream` is a map-style `torch.utils.data.Dataset` over sample numbers: PNG decoding and the
-  random draws run in DataLoader worker processes, ahead of the step that needs them.
+- `SampleStream` is a map-style `torch.utils.data.Dataset` over sample numbers, and `BatchStream` one over
+  lists of them: PNG decoding and the random draws (and, on a CPU, the VAE and text encoders) run in
+  DataLoader worker processes, ahead of the step that needs them.
 - `LatentCache` encodes every item once, up front (VAE posterior mean and std, text embeddings), and
   keeps the result on disk under `--cache-dir`, keyed by the data's files, the base and the size, so a
   second run starts warm and a changed file rebuilds it. The latent is still drawn fresh every time
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
 from tinylllite.base import StableDiffusionBase
@@ -97,21 +98,52 @@ class ItemImages(Dataset):
         return dict(index=i, image=torch.as_tensor(item["jpg"]).permute(2, 0, 1), prompt=item["txt"])
 
 
-def rank_sample_numbers(first_step: int, batch_size: int, accumulation: int, world: int, rank: int):
-    """This process's sample numbers, step after step: micro-batch m of optimizer step s holds the run's samples
+def rank_batches(first_step: int, batch_size: int, accumulation: int, world: int, rank: int):
+    """This process's micro-batches, step after step: micro-batch m of optimizer step s holds the run's samples
     ((s * accumulation + m) * world + rank) * batch_size onwards, so every process trains on its own slice."""
     step = first_step
     while True:
         for micro in range(accumulation):
             first = ((step * accumulation + micro) * world + rank) * batch_size
-            yield from range(first, first + batch_size)
+            yield list(range(first, first + batch_size))
         step += 1
 
 
+class BatchStream(Dataset):
+    """A list of sample numbers -> one batch: decoded, collated and, when `encode` is given, encoded too. In a
+    DataLoader worker process this runs on another core while the main process trains."""
+
+    def __init__(self, stream: SampleStream, encode=None):
+        self.stream, self.encode = stream, encode
+
+    def __len__(self) -> int:
+        return 2 ** 62
+
+    def __getitem__(self, numbers: list[int]) -> dict:
+        samples = default_collate([self.stream[k] for k in numbers])
+        return samples if self.encode is None else self.encode(samples)
+
+
 def sample_loader(stream: SampleStream, sample_numbers, batch_size: int, workers: int, pin_memory: bool) -> DataLoader:
-    """Batches of the given sample numbers, in order; with workers > 0 decoded ahead in worker processes."""
+    """Collated samples of the given sample numbers, in order (decoded ahead in worker processes when workers > 0);
+    the simple form the notebooks use, `training_batches` the one the training script uses."""
     return DataLoader(stream, batch_size=batch_size, sampler=sample_numbers, num_workers=workers, pin_memory=pin_memory,
                       prefetch_factor=4 if workers else None, persistent_workers=workers > 0)
+
+
+def training_batches(stream: SampleStream, encode, device: torch.device, first_step: int, batch_size: int,
+                     accumulation: int, world: int, rank: int, workers: int):
+    """The model-ready micro-batches of this process, from `first_step` on.
+
+    On a CPU the encoders (VAE, text) run where the images are decoded: with workers > 0, in worker processes
+    on the cores the training step leaves idle. On a GPU the workers only decode (into pinned memory) and the
+    encoders run on the GPU."""
+    on_gpu = device.type == "cuda"
+    loader = DataLoader(BatchStream(stream, None if on_gpu else encode), batch_size=None,
+                        sampler=rank_batches(first_step, batch_size, accumulation, world, rank), num_workers=workers,
+                        pin_memory=on_gpu, prefetch_factor=2 if workers else None, persistent_workers=workers > 0)
+    for batch in loader:
+        yield encode(batch) if on_gpu else batch
 
 
 def dataset_pairs(dataset) -> list:

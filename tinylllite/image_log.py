@@ -86,8 +86,9 @@ def log_pairs_grid(base, control, prompts: list[str], hints: np.ndarray, path: P
                    seed: int = 0, targets: np.ndarray | None = None, hint_name: str = "hint") -> np.ndarray:
     """A grid that reads on its own: one column per prompt (written above it), rows labelled on the left:
     the hint, the sample, and the target when known. Used for the held-out grid and validation pairs."""
-    samples = sample(base, prompts, control, hints, steps=steps, cfg=cfg, seed=seed)
     size = hints.shape[1]
+    samples = sample(base, prompts, control, hints if control is not None else None, steps=steps, cfg=cfg, seed=seed,
+                     height=size, width=size)
     rows = {hint_name: hints, "sample": samples} | ({"target": targets} if targets is not None else {})
     lines = [row([np.full((size, size, 3), 255, np.uint8)] + [text_panel(p, size) for p in prompts])]
     lines += [row([text_panel(name, size)] + list(images)) for name, images in rows.items()]
@@ -198,9 +199,9 @@ class RunLog:
     """What rank 0 of a training run writes besides checkpoints: config.json, metrics.jsonl and its plot,
     the image logs and the fidelity evaluations, at the steps the run's settings name."""
 
-    def __init__(self, out: Path, settings: dict, base, control, dataset, validation: list[tuple[str, str]], clock,
+    def __init__(self, out: Path, settings: dict, base, control, dataset, validation: list[tuple[str, np.ndarray]], clock,
                  heldout: list, resumed_at: int | None = None):
-        """settings: the run's resolved settings (tutorial_train.py's block); validation: (prompt, hint image path)
+        """settings: the run's resolved settings (tutorial_train.py's block); validation: (prompt, uint8 hint image)
         pairs; clock: has .minutes(); heldout: the evaluation's pairs (Fill50KPair for fill50k-iou, dataset items
         for edge-f1); resumed_at: the step of the checkpoint a resumed run continues from."""
         self.out, self.s, self.base, self.control, self.dataset = Path(out), settings, base, control, dataset
@@ -265,8 +266,7 @@ class RunLog:
                 log_pairs_grid(base, control, [p.prompt for p in grid], np.stack([p.source for p in grid]),
                                folder / f"heldout_gs-{step:06d}.png", steps=s["eval_steps"], cfg=s["eval_cfg"],
                                targets=np.stack([p.target for p in grid]), hint_name="outline")
-            for i, (prompt, image) in enumerate(self.validation):
-                hint = np.asarray(Image.open(image).convert("RGB"))
+            for i, (prompt, hint) in enumerate(self.validation):
                 log_pairs_grid(base, control, [prompt], hint[None], folder / f"validation{i}_gs-{step:06d}.png",
                                steps=50, cfg=9.0)
         control.train()

@@ -264,13 +264,13 @@ def load_base_or_tiny(path: str) -> StableDiffusionBase:
     return load_base(path)
 
 
-def read_hint_image(path: str) -> np.ndarray:
-    """--hint IMAGE -> uint8 (H, W, 3) RGB; a missing or unreadable file is refused naming it."""
+def read_hint_image(path: str, flag: str = "--hint") -> np.ndarray:
+    """A control image file -> uint8 (H, W, 3) RGB; a missing or unreadable file is refused naming it and `flag`."""
     try:
         with Image.open(path) as image:
             return np.asarray(image.convert("RGB"))
     except (OSError, ValueError) as error:  # missing file, not an image, truncated image
-        raise InputError(f"--hint {path} cannot be read as an image ({error}); give a PNG or JPG file") from None
+        raise InputError(f"{flag} {path} cannot be read as an image ({error}); give a PNG or JPG file") from None
 
 
 def output_paths(out: Path, count: int, overwrite: bool) -> list[Path]:

@@ -328,7 +328,7 @@ def main(argv=None, base=None):
     progress = tqdm(total=s.max_steps, initial=step, disable=rank != 0, unit="step")
     last_loss = None
     with stop:
-        while not stop.should_stop(step, log.evaluation_seconds if log else 0.0, device):
+        while not stop.should_stop(step, log.final_seconds if log else 0.0, device):
             # one optimizer step over the effective batch: micro-batches of this process, then all processes
             optimizer.zero_grad(set_to_none=True)
             step_loss = torch.zeros((), device=device)

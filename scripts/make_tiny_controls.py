@@ -2,6 +2,7 @@
 
     python scripts/make_tiny_controls.py              # both, 2,500 steps each, into tinylllite/tiny_sd_weights/controls/
     python scripts/make_tiny_controls.py --steps 5 --out /tmp/controls --runs /tmp/runs --eval-pairs 2 --logger-freq 0
+    python scripts/make_tiny_controls.py --control lllite --from-run runs/lllite-20261128-083000   # export a run
 
 Each branch is trained by `tutorial_train.main` with the settings of its block at the top of
 `tutorial_train.py` (exactly what `python tutorial_train.py [--control lllite]` runs), ended by a step
@@ -34,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tutorial_train.py lives at the top of the repository
 
 import tutorial_train  # noqa: E402  (after making the repository importable)
+from tinylllite.checkpoint import list_checkpoints, load_control  # noqa: E402
 from tinylllite.control_branch import branch_state_dict  # noqa: E402
 from tinylllite.control_io import branch_metadata, controlnet_config_of, write_control  # noqa: E402
 from tinylllite.errors import InputError, run_command  # noqa: E402
@@ -57,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=str(CONTROLS_DIR), help="where the shipped files go")
     p.add_argument("--runs", default=str(ROOT / "runs" / "tiny-controls"), help="the training runs' folders")
     p.add_argument("--overwrite", action="store_true", help="replace files already in --out")
+    p.add_argument("--from-run", help="export this finished run of the default job (with --control) instead of "
+                   "training again")
     args, args.train_flags = p.parse_known_args(argv)
     if args.steps < 1:
         p.error(f"--steps must be at least 1, got {args.steps}")
@@ -97,20 +101,27 @@ def export(base, control, kind: str, path: Path) -> None:
 
 
 def train_and_export(control: str, args, staging: Path) -> dict:
-    """Run tutorial_train for one branch, write the trained branch into `staging`, and describe the run."""
-    run = Path(args.runs) / control
-    argv = ["--control", control, "--data", str(Path(args.data).resolve()), "--out", str(run.resolve()),
-            "--max-steps", str(args.steps), "--max-minutes", str(24 * 60), *args.train_flags]
+    """Run tutorial_train for one branch (or take --from-run), write the trained branch into `staging`, and
+    describe the run."""
+    if args.from_run:
+        run = Path(args.from_run)
+        command = ["python tutorial_train.py"] + ([] if control == "controlnet" else ["--control", control])
+    else:
+        run = Path(args.runs) / control
+        argv = ["--control", control, "--data", str(Path(args.data).resolve()), "--out", str(run.resolve()),
+                "--max-steps", str(args.steps), "--max-minutes", str(24 * 60), *args.train_flags]
+        tutorial_train.main(argv, base=load_tiny_sd())
+        command = ["python tutorial_train.py", *(shown(a) if a.startswith("/") else a for a in argv)]
     base = load_tiny_sd()
-    started = time.time()
-    result = tutorial_train.main(argv, base=base)
-    minutes = (time.time() - started) / 60
+    trained = load_control(base, run)  # the run's newest checkpoint, every layout and family check applied
     name, layout = FILES[control]
-    export(base, result["control"], control, staging / name)
-    settings = json.loads((run / "config.json").read_text())["settings"]
-    command = ["python tutorial_train.py", *(shown(a) if a.startswith("/") else a for a in argv)]
-    return dict(file=name, layout=layout, dtype="fp16", steps=result["step"], minutes=round(minutes, 1),
-                train_command=" ".join(command), settings=settings, **final_scores(run))
+    export(base, trained, control, staging / name)
+    config = json.loads((run / "config.json").read_text())
+    if config["control"] != control:
+        raise InputError(f"--from-run {run} trained a {config['control']}, not a {control}: pass --control")
+    steps = int(list_checkpoints(run)[-1].name.removeprefix("step_"))
+    return dict(file=name, layout=layout, dtype="fp16", steps=steps, run=shown(run), train_command=" ".join(command),
+                settings=config["settings"], **final_scores(run))
 
 
 def main(argv=None) -> int:
@@ -120,10 +131,13 @@ def main(argv=None) -> int:
     taken = [FILES[c][0] for c in controls if (out / FILES[c][0]).exists()]
     if taken and not args.overwrite:
         raise InputError(f"{out} already holds {', '.join(taken)}: pass --overwrite to replace them")
+    if args.from_run and len(controls) != 1:
+        raise InputError("--from-run exports one run: name its branch with --control controlnet|lllite")
     runs = [Path(args.runs) / c for c in controls if (Path(args.runs) / c).exists()]
-    if runs:
+    if runs and not args.from_run:
         raise InputError(f"{runs[0]} already exists: remove it or pass another --runs folder")
-    data = Path(args.data)
+    data = Path(json.loads((Path(args.from_run) / "config.json").read_text())["data"]) if args.from_run \
+        else Path(args.data)
     if not (data / "prompt.json").is_file():
         print(f"{data} is missing: writing 10,000 Fill50K pairs at {TINY_IMAGE_SIZE} px (seed 0)")
         write_fill50k(data, n=10_000, size=TINY_IMAGE_SIZE, seed=0)

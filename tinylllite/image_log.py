@@ -208,7 +208,7 @@ class RunLog:
         self.validation, self.clock, self.heldout, self.resumed_at = validation, clock, heldout, resumed_at
         self.metrics = MetricsLog(out, append=resumed_at is not None, keep_until=resumed_at or 0)
         self.window: list[float] = []
-        self.evaluation_seconds = 0.0
+        self.evaluation_seconds = self.image_seconds = 0.0  # how long the last of each took
         self.last_grid = -1
 
     @property
@@ -255,9 +255,15 @@ class RunLog:
         shown = ", ".join(f"{SCORE_NAMES[k]} {v:.3f}" for k, v in scores.items())
         tqdm.write(f"step {step}: {shown} ({self.evaluation_seconds:.0f} s on {len(self.heldout)} held-out pairs)")
 
+    @property
+    def final_seconds(self) -> float:
+        """About how long `finish` will take: one more evaluation and one more image log."""
+        return self.evaluation_seconds + self.image_seconds
+
     def images(self, step: int) -> None:
         """The original's panels for 4 training items, the held-out grid and the user's validation pairs."""
         base, control, s, folder = self.base, self.control, self.s, self.out / "image_log"
+        started = time.time()
         with autocast(base.device, s["mixed_precision"]):
             items = [self.dataset[i] for i in range(min(4, len(self.dataset)))]
             log_training_panels(base, control, items, step, self.out, cfg=9.0, seed=s["seed"])
@@ -270,7 +276,7 @@ class RunLog:
                 log_pairs_grid(base, control, [prompt], hint[None], folder / f"validation{i}_gs-{step:06d}.png",
                                steps=50, cfg=9.0)
         control.train()
-        self.last_grid = step
+        self.last_grid, self.image_seconds = step, time.time() - started
 
     def finish(self, step: int, last_loss: float | None = None) -> None:
         """The last evaluation and image log (if this step had none), the final plot, and the run's summary line."""

@@ -120,7 +120,7 @@ def train_and_export(control: str, args, staging: Path) -> dict:
     if config["control"] != control:
         raise InputError(f"--from-run {run} trained a {config['control']}, not a {control}: pass --control")
     steps = int(list_checkpoints(run)[-1].name.removeprefix("step_"))
-    return dict(file=name, layout=layout, dtype="fp16", steps=steps, run=shown(run), train_command=" ".join(command),
+    return dict(file=name, layout=layout, dtype="fp16", steps=steps, run=run.name, train_command=" ".join(command),
                 settings=config["settings"], **final_scores(run))
 
 
@@ -136,8 +136,11 @@ def main(argv=None) -> int:
     runs = [Path(args.runs) / c for c in controls if (Path(args.runs) / c).exists()]
     if runs and not args.from_run:
         raise InputError(f"{runs[0]} already exists: remove it or pass another --runs folder")
-    data = Path(json.loads((Path(args.from_run) / "config.json").read_text())["data"]) if args.from_run \
-        else Path(args.data)
+    if args.from_run:  # its data, relative to where that run was started (the run is <there>/runs/<name>)
+        data = Path(args.from_run).resolve().parent.parent / json.loads((Path(args.from_run) / "config.json")
+                                                                         .read_text())["data"]
+    else:
+        data = Path(args.data)
     if not (data / "prompt.json").is_file():
         print(f"{data} is missing: writing 10,000 Fill50K pairs at {TINY_IMAGE_SIZE} px (seed 0)")
         write_fill50k(data, n=10_000, size=TINY_IMAGE_SIZE, seed=0)

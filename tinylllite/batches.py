@@ -17,17 +17,16 @@ and runs the VAE and the text encoder every step). Here:
 """
 import hashlib
 import json
-import os
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
 from tinylllite.base import StableDiffusionBase
+from tinylllite.state_dicts import atomic_folder, open_state_dict, save_state_dict
 
 TIMESTEP_SAMPLING = ("uniform", "cubic")
 
@@ -179,7 +178,7 @@ class LatentCache:
         """Read a complete cache from disk; False when there is none for this key."""
         if not (self.path / "done").is_file():
             return False
-        latents, text = load_file(self.path / "latents.safetensors"), load_file(self.path / "text.safetensors")
+        latents, text = (dict(open_state_dict(self.path / f"{name}.safetensors")) for name in ("latents", "text"))
         prompts = json.loads((self.path / "prompts.json").read_text())
         self.moments = {i: (m, s) for i, m, s in zip(latents["index"].tolist(), latents["mean"], latents["std"])}
         self.text = {p: (text["hidden"][j], text["pooled"][j] if "pooled" in text else None)
@@ -208,19 +207,17 @@ class LatentCache:
 
     def save(self) -> None:
         """Written into a temporary folder and renamed, so a killed run leaves no half cache behind."""
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
         order = sorted(self.moments)
-        save_file({"index": torch.tensor(order), "mean": torch.stack([self.moments[i][0] for i in order]),
-                   "std": torch.stack([self.moments[i][1] for i in order])}, tmp / "latents.safetensors")
         prompts = list(self.text)
         text = {"hidden": torch.stack([self.text[p][0] for p in prompts])}
         if self.text[prompts[0]][1] is not None:
             text["pooled"] = torch.stack([self.text[p][1] for p in prompts])
-        save_file(text, tmp / "text.safetensors")
-        (tmp / "prompts.json").write_text(json.dumps(prompts))
-        (tmp / "done").write_text("")
-        os.replace(tmp, self.path)
+        with atomic_folder(self.path) as tmp:
+            save_state_dict({"index": torch.tensor(order), "mean": torch.stack([self.moments[i][0] for i in order]),
+                             "std": torch.stack([self.moments[i][1] for i in order])}, tmp / "latents.safetensors")
+            save_state_dict(text, tmp / "text.safetensors")
+            (tmp / "prompts.json").write_text(json.dumps(prompts))
+            (tmp / "done").write_text("")
 
 
 class BatchEncoder:

@@ -30,7 +30,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from tinylllite.datasets import (CHECK_COMMAND, IMAGE_EXTENSIONS, MAX_SIDE, VAE_MULTIPLE, check_size, images_by_stem,
+from tinylllite.datasets import (CHECK_COMMAND, IMAGE_EXTENSIONS, MAX_SIDE, VAE_SCALE_FACTOR, check_size, images_by_stem,
                                  parse_pair_line, read_utf8, size_flag, whole_file_problem)
 from tinylllite.errors import InputError, run_command
 from tinylllite.fidelity import is_fill50k_prompt
@@ -196,7 +196,7 @@ def list_folders(image_dir: Path, conditioning_dir: Path, caption_extension: str
     return listed
 
 
-def check_dataset(source, strict: bool = False, multiple: int = VAE_MULTIPLE, size=None,
+def check_dataset(source, strict: bool = False, multiple: int = VAE_SCALE_FACTOR, size=None,
                   decode: bool = True) -> Report:
     """Check a Fill50K-style folder or JSON Lines file, or a kohya .toml; see the module docstring.
 
@@ -234,7 +234,7 @@ class CheckedData:
     warnings: list[str]  # what will be converted or ignored (non-RGB images, extra files, empty captions)
 
 
-def open_checked(path, size=None, multiple: int = VAE_MULTIPLE, chw: bool = False,
+def open_checked(path, size=None, multiple: int = VAE_SCALE_FACTOR, chw: bool = False,
                  prompt_dropout: float = 0.0) -> CheckedData:
     """Check a dataset from its image headers, then open it; raises `InputError` naming the first problem.
 
@@ -265,7 +265,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Report every problem of a training dataset at once")
     parser.add_argument("source", type=Path, help="folder with prompt.json, a JSON Lines file or a .toml")
     parser.add_argument("--strict", action="store_true", help="refuse non-RGB images and empty captions")
-    parser.add_argument("--multiple", type=int, choices=(8, 16, 32, 64), default=VAE_MULTIPLE,
+    parser.add_argument("--multiple", type=int, choices=(8, 16, 32, 64), default=VAE_SCALE_FACTOR,
                         help="side multiple to expect (8; 64 for LLLite's depth 4)")
     parser.add_argument("--size", type=size_flag, help="side the pairs will be resized to (default: as they are)")
     args = parser.parse_args(argv)

@@ -31,7 +31,7 @@ from tinylllite.errors import InputError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 JSONL_KEYS = ("source", "target", "prompt")  # Fill50K's key order
-VAE_MULTIPLE = 8  # SD's VAE downsamples by 8; LLLite's conditioning at depth 4 needs 64 (4 * 2^4)
+VAE_SCALE_FACTOR = 8  # SD's VAE downsamples by 8; LLLite's conditioning at depth 4 needs 64 (4 * 2^4)
 MAX_SIDE = 4096  # larger sides are refused: SD trains at 512-1024 px; a 10000 px image is 1.2 GB as float32
 CHECK_COMMAND = "python -m tinylllite.dataset_check"
 
@@ -137,7 +137,7 @@ def check_size(size, multiple: int) -> tuple[int, int]:
 def size_flag(text: str) -> int:
     """argparse type of a --size flag: an image side in pixels, a multiple of 8 from 8 to MAX_SIDE."""
     try:
-        return check_size(int(text), VAE_MULTIPLE)[0]
+        return check_size(int(text), VAE_SCALE_FACTOR)[0]
     except ValueError as error:  # InputError is a ValueError, and so is int("x")'s
         raise argparse.ArgumentTypeError(f"{text!r}: {error}" if isinstance(error, InputError) else
                                          f"{text!r} is not a whole number of pixels") from None
@@ -170,7 +170,7 @@ def load_rgb(path: Path) -> Image.Image:
 class PairedDataset(Dataset):
     """Items `dict(jpg=[-1, 1], txt=str, hint=[0, 1])` from a list of pairs (HWC float32, or CHW tensors)."""
 
-    def __init__(self, pairs: list[Pair], size=None, multiple: int = VAE_MULTIPLE, chw: bool = False,
+    def __init__(self, pairs: list[Pair], size=None, multiple: int = VAE_SCALE_FACTOR, chw: bool = False,
                  prompt_dropout: float = 0.0, flip: bool = False, color_aug: bool = False):
         if color_aug:
             raise InputError("colour augmentation is refused on a conditioning dataset: it changes the "
@@ -215,7 +215,7 @@ class Fill50KDataset(PairedDataset):
     """Fill50K as the original tutorial reads it: `root/prompt.json`, no resize, no dropout by default."""
 
     def __init__(self, root="./training/fill50k", chw: bool = False, prompt_dropout: float = 0.0,
-                 size=None, multiple: int = VAE_MULTIPLE, flip: bool = False):
+                 size=None, multiple: int = VAE_SCALE_FACTOR, flip: bool = False):
         prompt_file = Path(root) / "prompt.json"
         if not prompt_file.is_file():
             raise InputError(f"{prompt_file} not found; make a Fill50K-like set with "
@@ -228,7 +228,7 @@ class PairedFolderDataset(PairedDataset):
     """Users' own pairs: kohya folders (`image_dir` + `conditioning_data_dir`) or a JSON Lines file."""
 
     def __init__(self, image_dir_or_jsonl, conditioning_data_dir=None, caption_extension: str = ".txt",
-                 size=None, multiple: int = VAE_MULTIPLE, chw: bool = False, prompt_dropout: float = 0.0,
+                 size=None, multiple: int = VAE_SCALE_FACTOR, chw: bool = False, prompt_dropout: float = 0.0,
                  flip: bool = False, color_aug: bool = False):
         source = Path(image_dir_or_jsonl)
         if not source.exists():

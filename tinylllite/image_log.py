@@ -183,9 +183,11 @@ class MetricsLog:
             axis.set_ylabel(name)
             if take_off:  # the sudden convergence, marked on every panel (the loss barely moves there)
                 axis.axvline(take_off[1], color="tab:red", linewidth=0.8, linestyle="--")
-                if name == take_off[0]:
+                if name == take_off[0]:  # the label on the side of the line with more room
+                    left = take_off[1] > points[-1][0] / 2
                     axis.annotate(f"{SCORE_NAMES[name]} >= {TAKE_OFF} at step {take_off[1]}", (take_off[1], TAKE_OFF),
-                                  textcoords="offset points", xytext=(4, -12), fontsize=8, color="tab:red")
+                                  textcoords="offset points", xytext=(-4 if left else 4, -12), fontsize=8,
+                                  color="tab:red", ha="right" if left else "left")
         axes[-1, 0].set_xlabel("optimizer step")
         figure.tight_layout()
         out = self.path.with_suffix(".png")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from torch.utils.data import ConcatDataset
 
-from tinylllite.datasets import (VAE_MULTIPLE, Fill50KDataset, PairedDataset, PairedFolderDataset, check_size,
+from tinylllite.datasets import (VAE_SCALE_FACTOR, Fill50KDataset, PairedDataset, PairedFolderDataset, check_size,
                                  read_folder_pairs, read_utf8)
 from tinylllite.errors import InputError
 
@@ -69,7 +69,7 @@ def _positive_int(value, key: str, where: str) -> int:
     return value
 
 
-def parse_kohya_toml(path, multiple: int = VAE_MULTIPLE) -> list[DatasetConfig]:
+def parse_kohya_toml(path, multiple: int = VAE_SCALE_FACTOR) -> list[DatasetConfig]:
     """The datasets a kohya .toml describes, every option resolved; raises naming the table and key."""
     path = Path(path)
     if not path.is_file():
@@ -128,7 +128,7 @@ class KohyaDataset:
     resolution: tuple[int, int]  # (width, height)
 
 
-def load_kohya_toml(path, multiple: int = VAE_MULTIPLE, chw: bool = False,
+def load_kohya_toml(path, multiple: int = VAE_SCALE_FACTOR, chw: bool = False,
                     prompt_dropout: float = 0.0) -> list[KohyaDataset]:
     """One dataset per [[datasets]] table, images resized and centre-cropped to its resolution."""
     loaded = []
@@ -144,7 +144,7 @@ def load_kohya_toml(path, multiple: int = VAE_MULTIPLE, chw: bool = False,
     return loaded
 
 
-def open_training_data(path, size=None, multiple: int = VAE_MULTIPLE, chw: bool = False,
+def open_training_data(path, size=None, multiple: int = VAE_SCALE_FACTOR, chw: bool = False,
                        prompt_dropout: float = 0.0):
     """(dataset, batch size or None) from a Fill50K-style folder, a JSON Lines file or a kohya .toml.
 

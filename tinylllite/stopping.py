@@ -40,9 +40,6 @@ class StopRule:
     def minutes(self) -> float:
         return (time.time() - self.started) / 60
 
-    def minutes_left(self) -> float | None:
-        return None if self.max_minutes is None else self.max_minutes - self.minutes()
-
     def _on_sigint(self, signum, frame) -> None:
         if self.interrupted:
             raise KeyboardInterrupt

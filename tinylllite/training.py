@@ -14,9 +14,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-from tinylllite import nan_guard
+from tinylllite import control_branch, nan_guard
 from tinylllite.base import StableDiffusionBase
-from tinylllite import control_branch
 from tinylllite.control_branch import unet_prediction
 
 def training_scheduler(base: StableDiffusionBase) -> DDPMScheduler:

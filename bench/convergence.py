@@ -39,11 +39,14 @@ VARIANTS = {
                               "twice the batch and rate at equal samples seen"),
     "controlnet-lr5e-4-b8": ("controlnet", ["--learning-rate", "5e-4", "--batch-size", "8"],
                              "half the batch and rate at equal samples seen"),
+    "controlnet-lr2e-3": ("controlnet", ["--learning-rate", "2e-3"], "twice the rate at the same batch"),
+    "controlnet-b8": ("controlnet", ["--batch-size", "8"], "half the batch at the same rate (a step costs ~0.6x)"),
     "lllite": ("lllite", [], "baseline: tiny defaults (lr 1e-3, batch 16, C 32, M 64, all blocks)"),
     "lllite-cubic": ("lllite", ["--timestep-sampling", "cubic"], "T2I-Adapter's t = (1 - u^3) T"),
     "lllite-lr3e-3": ("lllite", ["--learning-rate", "3e-3"], "a higher rate for the small modules"),
     "lllite-c64-m128": ("lllite", ["--cond-emb-dim", "64", "--mlp-dim", "128"], "wider LLLite modules"),
     "lllite-c16-m32": ("lllite", ["--cond-emb-dim", "16", "--mlp-dim", "32"], "narrower LLLite modules"),
+    "lllite-b8": ("lllite", ["--batch-size", "8"], "half the batch at the same rate (a step costs ~0.7x)"),
     "lllite-input-only": ("lllite", ["--lllite-blocks", "input"], "kohya's SD1 block set (input blocks only)"),
 }
 

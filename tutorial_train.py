@@ -29,9 +29,10 @@ from tinylllite.errors import InputError, run_command
 from tinylllite.fidelity import EVALUATION_SEED, evaluation_pairs
 
 # ---- Configs: what `python tutorial_train.py` runs (the tiny SD on a CPU), one block per --control ------------
-# Measured on the tiny SD: its ControlNet takes off after ~500 steps at lr 1e-3 (2e-4 idles for minutes).
-# One thread: tiny layers are too small to split, and two OpenMP threads on a busy 2-core machine ran 80x
-# slower. Evaluation CFG 3: at CFG 9 the tiny SD overshoots (IoU 0.776 at CFG 9, 0.853 at 3 on one checkpoint).
+# Measured on the tiny SD (bench/convergence.py): its ControlNet takes off after ~8,000 samples at lr 1e-3 and
+# batch 16 (2e-4 idles for minutes, 2e-3 and batch 8 were slower); LLLite's control arrives later. On the
+# 2-core CPU a step with the cache, 2 threads and channels-last takes 0.29 s, 1.4x faster than one thread
+# beside a data worker. Evaluation CFG 3: at CFG 9 the tiny SD overshoots (IoU 0.776 at 9, 0.853 at 3).
 CONTROLNET = dict(
     batch_size=16,
     learning_rate=1e-3,
@@ -47,33 +48,32 @@ CONTROLNET = dict(
     mixed_precision="fp32",
     gradient_checkpointing=False,
     use_8bit_adam=False,
-    cache=False,  # encode every image and prompt once, up front, into --cache-dir (on the tiny SD the fill costs
-    # about what it saves in 10 minutes: the encoders are ~12 % of a step and the fill is one epoch of encoding)
-    data_workers=1,  # a DataLoader worker prepares the next batch (decode, VAE, text) on the core training leaves idle
+    cache=True,  # encode every image and prompt once, up front (~30 s for the 10,000 tiny pairs), into --cache-dir
+    data_workers=0,  # with the cache a batch is a lookup: both cores go to the step (`threads`), no worker needed
+    channels_last=True,  # convolutions in NHWC, the layout oneDNN's CPU kernels prefer
     logger_freq=500,  # image log every this many optimizer steps (and at step 0); 0 = off
     log_every=10,  # loss line in metrics.jsonl
     eval_metric="fill50k-iou",  # control fidelity on held-out pairs: fill50k-iou, edge-f1 (your Canny data) or none
     canny_low=100,  # edge-f1: the Canny thresholds that made the hints (python -m tinylllite.canny's defaults)
     canny_high=200,
-    eval_every=250,
+    eval_every=500,  # each evaluation costs ~50 steps of training
     eval_pairs=64,
     eval_steps=20,
     eval_cfg=3.0,
     checkpoint_every=500,
     keep_checkpoints=3,
     seed=0,
-    threads=1,
+    threads=2,
 )
 # LLLite wraps every block: the tiny UNet has one transformer per level (kohya's SD1 set, input only, would be
-# 12 modules). Its control arrives later than ControlNet's (after ~800 steps, bench/convergence.py), so it is
-# evaluated every 500 steps, leaving more of the 10 minutes to training.
-LLLITE = dict(CONTROLNET, eval_every=500, cond_emb_dim=32, mlp_dim=64, lllite_blocks="input,middle,output")
+# 12 modules).
+LLLITE = dict(CONTROLNET, cond_emb_dim=32, mlp_dim=64, lllite_blocks="input,middle,output")
 BRANCHES = {"controlnet": CONTROLNET, "lllite": LLLITE}
 
 # The original's values for a real SD base (batch 4, lr 1e-5, image log every 300 steps at CFG 9), and
 # kohya's LLLite recipe (lr 2e-4, C 32, M 64, its SD1 block set).
 SD15 = dict(batch_size=4, learning_rate=1e-5, max_minutes=None, logger_freq=300, eval_every=300, eval_steps=50,
-            eval_cfg=9.0, threads=None, data_workers=4)
+            eval_cfg=9.0, threads=None, data_workers=4, cache=False, channels_last=False)
 PRESETS = {"sd15": {"controlnet": SD15, "lllite": dict(SD15, learning_rate=2e-4, lllite_blocks=None)}}
 
 
@@ -112,6 +112,7 @@ SETTING_TYPES = dict(
     max_minutes=positive_float, sd_locked=strict_bool, only_mid_control=strict_bool, prompt_dropout=fraction,
     timestep_sampling=str, snr_gamma=positive_float, max_grad_norm=positive_float, mixed_precision=str,
     gradient_checkpointing=strict_bool, use_8bit_adam=strict_bool, cache=strict_bool, data_workers=count(0),
+    channels_last=strict_bool,
     logger_freq=count(0), log_every=count(1), eval_metric=str, canny_low=positive_float, canny_high=positive_float,
     eval_every=count(0), eval_pairs=count(1), eval_steps=count(1), eval_cfg=positive_float, checkpoint_every=count(1),
     keep_checkpoints=count(1), seed=count(0), threads=count(1), cond_emb_dim=count(1), mlp_dim=count(1),
@@ -286,6 +287,9 @@ def main(argv=None, base=None):
     dataset, data_dir = open_data(args, settings, base, base.family == "tiny", rank)
     torch.manual_seed(s.seed)  # the fresh branch's initial weights
     control = build_control(args, settings, base).to(device)
+    if s.channels_last:
+        base.unet.to(memory_format=torch.channels_last)
+        control.to(memory_format=torch.channels_last)
     if args.resume_path:
         control_io.load_control_weights(args.resume_path, base, control)  # any layout; kind and family checked
     named = training.prepare_trainable(base, control, s.sd_locked)

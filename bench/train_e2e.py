@@ -71,6 +71,7 @@ class DiffusersStyleDataset(Dataset):
 def diffusers_loop_rate(base, data: Path, args, device) -> float:
     """Optimizer steps per second of train_controlnet.py's loop, timed over --steps after --warmup."""
     weight_dtype = common.HALF[args.precision] if device.type == "cuda" and args.precision != "fp32" else torch.float32
+    back_to_fp32(base)  # contiguous again after tutorial_train's channels-last run
     vae = common.move(copy.deepcopy(base.vae), device, weight_dtype).requires_grad_(False)
     text_encoder = common.move(copy.deepcopy(base.text_encoder), device, weight_dtype).requires_grad_(False)
     unet = common.move(base.unet.requires_grad_(False), device, weight_dtype)
@@ -124,9 +125,11 @@ def diffusers_loop_rate(base, data: Path, args, device) -> float:
 
 
 def back_to_fp32(base) -> None:
-    """Undo a previous run's half-precision cast, so that a fresh ControlNet is copied from an fp32 UNet again."""
+    """Undo a previous run's half-precision cast and channels-last layout, so that every run starts from the same
+    fp32, contiguous base."""
     for part in base.parts().values():
         common.move(part, part.device, torch.float32)
+        part.to(memory_format=torch.contiguous_format)
 
 
 def tutorial_seconds(base, data: Path, out: Path, steps: int, args) -> float:
@@ -134,7 +137,8 @@ def tutorial_seconds(base, data: Path, out: Path, steps: int, args) -> float:
     back_to_fp32(base)
     argv = ["--data", str(data), "--out", str(out), "--max-steps", str(steps), "--batch-size", str(args.batch),
             "--mixed-precision", args.precision, "--eval-every", "0", "--logger-freq", "0", "--max-minutes", "1e9",
-            "--checkpoint-every", "1000000000", "--log-every", "1000000000", "--seed", str(args.seed)]
+            "--checkpoint-every", "1000000000", "--log-every", "1000000000", "--seed", str(args.seed),
+            "--cache-dir", str(out.parent / "cache")]  # kept between rounds: filled by the untimed first run
     if args.threads:
         argv += ["--threads", str(args.threads)]
     argv += shlex.split(args.tutorial_args)

@@ -50,7 +50,7 @@ REPORT = "training_report.json"
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=2500, help="optimizer steps per branch (default 2500, ~10 min "
+    p.add_argument("--steps", type=int, default=2500, help="optimizer steps per branch (default 2500, ~13 min "
                    "each on an idle 2-core CPU)")
     p.add_argument("--control", choices=tuple(FILES), action="append", help="one branch only (repeatable; "
                    "default both)")

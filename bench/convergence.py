@@ -50,6 +50,7 @@ VARIANTS = {
     "lllite-lr3e-3": ("lllite", ["--learning-rate", "3e-3"], "a higher rate for the small modules"),
     "lllite-c64-m128": ("lllite", ["--cond-emb-dim", "64", "--mlp-dim", "128"], "wider LLLite modules"),
     "lllite-c16-m32": ("lllite", ["--cond-emb-dim", "16", "--mlp-dim", "32"], "narrower LLLite modules"),
+    "lllite-minsnr5": ("lllite", ["--snr-gamma", "5"], "Min-SNR-5 loss weighting"),
     "lllite-b8": ("lllite", ["--batch-size", "8"], "half the batch at the same rate (a step costs ~0.7x)"),
     "lllite-input-only": ("lllite", ["--lllite-blocks", "input"], "kohya's SD1 block set (input blocks only)"),
 }

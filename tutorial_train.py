@@ -44,7 +44,7 @@ CONTROLNET = dict(
     only_mid_control=False,
     prompt_dropout=0.0,  # fraction of empty prompts (the paper: 0.5)
     timestep_sampling="uniform",  # uniform, as SD was trained, or cubic: more noisy timesteps
-    snr_gamma=5.0,  # Min-SNR loss weighting (Hang et al. 2023): min(SNR, 5) / SNR; None = plain MSE
+    snr_gamma=5.0,  # Min-SNR loss weighting (Hang et al. 2023): min(SNR, 5) / SNR; None or 0 = plain MSE
     max_grad_norm=None,  # the original does not clip
     mixed_precision="fp32",
     gradient_checkpointing=False,
@@ -100,6 +100,13 @@ def positive_float(text: str) -> float:
     return value
 
 
+def off_or_positive(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, or 0 for off, got {text}")
+    return value
+
+
 def fraction(text: str) -> float:
     value = float(text)
     if not 0 <= value <= 1:
@@ -107,11 +114,11 @@ def fraction(text: str) -> float:
     return value
 
 
-# how each setting is read from the command line (0 = off where a count allows it)
+# how each setting is read from the command line (0 = off where a count or snr_gamma allows it)
 SETTING_TYPES = dict(
     batch_size=count(1), learning_rate=positive_float, gradient_accumulation=count(1), max_steps=count(1),
     max_minutes=positive_float, sd_locked=strict_bool, only_mid_control=strict_bool, prompt_dropout=fraction,
-    timestep_sampling=str, snr_gamma=positive_float, max_grad_norm=positive_float, mixed_precision=str,
+    timestep_sampling=str, snr_gamma=off_or_positive, max_grad_norm=positive_float, mixed_precision=str,
     gradient_checkpointing=strict_bool, use_8bit_adam=strict_bool, cache=strict_bool, data_workers=count(0),
     channels_last=strict_bool,
     logger_freq=count(0), log_every=count(1), eval_metric=str, canny_low=positive_float, canny_high=positive_float,

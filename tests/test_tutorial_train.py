@@ -91,6 +91,7 @@ def test_a_missing_data_folder_is_refused_and_not_created(tmp_path):
     (["--prompt-dropout", "1.5"], "--prompt-dropout"),
     (["--sd-locked", "flase"], "--sd-locked"),
     (["--mixed-precision", "fp8"], "--mixed-precision"),
+    (["--snr-gamma", "-1"], "--snr-gamma"),
     (["--validation-prompt", "a red circle"], "--validation-image"),
 ])
 def test_bad_flags_are_refused_where_they_are_parsed(flags, named, capsys):
@@ -99,6 +100,26 @@ def test_bad_flags_are_refused_where_they_are_parsed(flags, named, capsys):
         tutorial_train.parse_args(flags)
     assert stopped.value.code == 2
     assert named in capsys.readouterr().err
+
+
+def test_snr_gamma_0_turns_the_tiny_defaults_min_snr_off_and_trains_on_plain_mse():
+    """The tiny block weights the loss with Min-SNR-5; `--snr-gamma 0` gives the unweighted loss, bit for bit."""
+    from tinylllite import training
+    from tinylllite.tiny_sd import load_tiny_sd
+
+    default, _ = tutorial_train.resolve_settings(tutorial_train.parse_args([]), tiny=True)
+    off, _ = tutorial_train.resolve_settings(tutorial_train.parse_args(["--snr-gamma", "0"]), tiny=True)
+    assert default["snr_gamma"] == 5.0 and off["snr_gamma"] == 0.0
+    base = load_tiny_sd()
+    scheduler = training.training_scheduler(base)
+    torch.manual_seed(0)
+    batch = dict(latents=torch.randn(2, 4, 8, 8), noise=torch.randn(2, 4, 8, 8), timesteps=torch.tensor([10, 900]),
+                 hidden=base.encode_prompt(["red circle with blue background"] * 2)[0], added_cond_kwargs=None,
+                 hint=torch.rand(2, 3, 64, 64))
+    weighted = training.diffusion_loss(base, None, scheduler, batch, off["snr_gamma"])
+    plain = training.diffusion_loss(base, None, scheduler, batch, None)
+    assert torch.equal(weighted, plain)
+    assert not torch.equal(training.diffusion_loss(base, None, scheduler, batch, default["snr_gamma"]), plain)
 
 
 def test_edge_f1_evaluation_keeps_its_pairs_out_of_training_and_logs_the_score(data, tmp_path, capsys):

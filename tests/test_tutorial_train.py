@@ -34,6 +34,8 @@ def test_the_default_run_records_exactly_the_config_block_at_the_top(control, bl
     config = json.loads((result["out"] / "config.json").read_text())
     assert config["settings"] == block
     assert config["control"] == control and config["preset"] is None and config["base"] == "tiny"
+    convs = [p for p in result["control"].parameters() if p.ndim == 4]  # the block's channels-last layout
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
 
 
 def test_a_real_sd_base_runs_the_original_values_as_the_sd15_preset(data, tmp_path, capsys):

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from tinylllite.lllite import (LLLiteModule, depth_for_factor, image_reduction, kohya_hyperparameters,
-                               to_kohya_range)
+from tinylllite.lllite import (LLLiteModule, depth_for_factor, embed_together, image_reduction,
+                               kohya_hyperparameters, to_kohya_range)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "kohya_lllite_fixture.safetensors"
 CASES = [f"d{depth}_{kind}" for depth in (1, 2, 3) for kind in ("plain", "half", "cfg")]
@@ -60,6 +60,30 @@ def test_embedding_grid_is_image_over_four_times_two_to_the_depth(depth):
     side = 4 * 2**depth
     assert image_reduction(depth) == side and depth_for_factor(side) == depth
     assert module.embed(torch.zeros(2, 3, 3 * side, 3 * side)).shape == (2, 9, 8)  # (B, h*w, C)
+
+
+def test_embedding_all_modules_together_equals_embedding_each_alone():
+    """embed_together's stacked and grouped convs give every module's own `embed` up to float rounding, and
+    the same gradients to each module's own weights, for a mix of depths and widths in any order."""
+    shapes = [(1, 8), (2, 8), (1, 8), (3, 8), (1, 4), (2, 8), (4, 8), (1, 8)]  # (depth, C)
+    modules = [random_module(depth=d, cond_emb_dim=c, seed=i).double() for i, (d, c) in enumerate(shapes)]
+    for m in modules:  # random conditioning weights, so no two modules agree by accident
+        for p in m.conditioning1.parameters():
+            torch.nn.init.normal_(p)
+    cond = torch.rand(2, 3, 128, 64, dtype=torch.float64) * 2 - 1  # float64: rounding far below the tolerance
+
+    together = embed_together(modules, cond)
+    sum(e.square().sum() for e in together).backward()
+    grads_together = [[p.grad.clone() for p in m.conditioning1.parameters()] for m in modules]
+    for m in modules:
+        m.zero_grad(set_to_none=True)
+    alone = [m.embed(cond) for m in modules]
+    sum(e.square().sum() for e in alone).backward()
+
+    for m, a, b, grads in zip(modules, together, alone, grads_together):
+        torch.testing.assert_close(a, b)
+        for g, p in zip(grads, m.conditioning1.parameters()):
+            torch.testing.assert_close(g, p.grad)  # the same sums in another order: equal up to rounding
 
 
 def test_embedding_is_flattened_row_major_like_attention_tokens():

@@ -111,12 +111,15 @@ class LLLiteModule(nn.Module):
         """Whether the wrapped layer should add Δ at all (off or multiplier 0 → the plain layer)."""
         return self.enabled and self.multiplier != 0.0
 
-    def embed(self, cond: torch.Tensor) -> torch.Tensor:
-        """Conditioning image in kohya's [−1, 1] -> token embedding, row-major like the attention tokens."""
+    def check_image_size(self, cond: torch.Tensor) -> None:
         side = image_reduction(self.depth)
         if cond.shape[-2] % side or cond.shape[-1] % side:
             raise ValueError(f"conditioning image {tuple(cond.shape[-2:])}: sides must be multiples of "
                              f"{side} for an LLLite module of depth {self.depth}")
+
+    def embed(self, cond: torch.Tensor) -> torch.Tensor:
+        """Conditioning image in kohya's [−1, 1] -> token embedding, row-major like the attention tokens."""
+        self.check_image_size(cond)
         weight = self.conditioning1[0].weight
         emb = self.conditioning1(cond.to(device=weight.device, dtype=weight.dtype))  # (Bc, C, h, w)
         return emb.flatten(2).transpose(1, 2)  # (Bc, C, h, w) -> (Bc, h*w, C)
@@ -143,6 +146,40 @@ class LLLiteModule(nn.Module):
 
     def extra_repr(self) -> str:
         return f"depth={self.depth}, image/{image_reduction(self.depth)} -> tokens"
+
+
+def embed_together(modules: list[LLLiteModule], cond: torch.Tensor) -> list[torch.Tensor]:
+    """`[m.embed(cond) for m in modules]`, computed with one conv stack per depth instead of one per module.
+
+    Every module embeds the same image, so the modules of one depth (and width) can run as one stack:
+    their first convs all read the image's 3 channels, so their filters stack into one conv with
+    n·C/2 outputs; each later conv reads only its own module's channels, which is a grouped conv with
+    n groups. Same weights and the same sums, added in another order: equal to the per-module loop up to
+    float rounding (tests/test_lllite_module.py), in a handful of convolutions instead of dozens. Training
+    pays for the embedding in every step, forward and backward: on the tiny SD's 40 modules this takes
+    the CPU step from 0.21 s to 0.18 s.
+    """
+    groups: dict[tuple, list[int]] = {}  # modules that can share a stack -> their positions in `modules`
+    for i, m in enumerate(modules):
+        m.check_image_size(cond)
+        weight = m.conditioning1[0].weight
+        groups.setdefault((m.depth, m.cond_emb_dim, weight.dtype, weight.device), []).append(i)
+    embeddings: list[torch.Tensor | None] = [None] * len(modules)
+    for positions in groups.values():
+        stacks = [modules[i].conditioning1 for i in positions]
+        first = stacks[0][0].weight
+        x = cond.to(device=first.device, dtype=first.dtype)  # (B, 3, H, W)
+        for index, layer in enumerate(stacks[0]):
+            if isinstance(layer, nn.ReLU):
+                x = F.relu(x)
+                continue
+            weight = torch.cat([stack[index].weight for stack in stacks])  # (n·C_out, C_in, k, k)
+            bias = torch.cat([stack[index].bias for stack in stacks])
+            x = F.conv2d(x, weight, bias, stride=layer.stride, groups=1 if index == 0 else len(stacks))
+        # (B, n·C, h, w) -> n × (B, C, h, w) -> n × (B, h·w, C), as `embed` returns them
+        for i, emb in zip(positions, x.chunk(len(stacks), dim=1)):
+            embeddings[i] = emb.flatten(2).transpose(1, 2)
+    return embeddings
 
 
 def kohya_hyperparameters(tensors: dict[str, torch.Tensor], name: str = "module") -> dict:

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tinylllite.lllite import (LLLiteLinear, LLLiteModule, depth_for_factor, image_reduction, kohya_hyperparameters,
-                               to_kohya_range)
+from tinylllite.lllite import (LLLiteLinear, LLLiteModule, depth_for_factor, embed_together, image_reduction,
+                               kohya_hyperparameters, to_kohya_range)
 from tinylllite.naming import diffusers_to_ldm
 from tinylllite.state_dicts import save_state_dict
 
@@ -111,16 +111,21 @@ class LLLite(nn.ModuleDict):
         for module in self.values():
             module.enabled = self._enabled
 
-    def set_conditioning(self, image01: torch.Tensor):
+    def set_conditioning(self, image01: torch.Tensor, together: bool = False):
         """Embed the conditioning image (B, 3, H, W) in [0, 1] once; every UNet call reuses it.
 
         H, W = the latent size × the VAE factor. Training: call it in each step (gradients reach
-        conditioning1). Sampling: call it once under torch.no_grad(), before the denoising loop.
+        conditioning1) with together=True: every module of one depth embeds in one conv stack
+        (`embed_together`: far fewer, larger convolutions; equal to each module's own `embed` up to float
+        rounding). Sampling: call it once under torch.no_grad(), before the denoising loop; the default
+        runs each module's own convs, the exact sums kohya's code does.
         The embeddings live where the modules are: move the UNet first, then set the conditioning.
         """
         image = to_kohya_range(image01)  # (B, 3, H, W) in [-1, 1]
-        for module in self.values():
-            module.embedding = module.embed(image)  # (B, h*w, C), its own grid per depth
+        modules = list(self.values())
+        embeddings = embed_together(modules, image) if together else [m.embed(image) for m in modules]
+        for module, embedding in zip(modules, embeddings):
+            module.embedding = embedding  # (B, h*w, C), its own grid per depth
 
     def clear_conditioning(self):
         for module in self.values():

@@ -296,8 +296,7 @@ def main(argv=None, base=None):
     torch.manual_seed(s.seed)  # the fresh branch's initial weights
     control = build_control(args, settings, base).to(device)
     if s.channels_last:
-        base.unet.to(memory_format=torch.channels_last)
-        control.to(memory_format=torch.channels_last)
+        training.use_channels_last(base, control)
     if args.resume_path:
         control_io.load_control_weights(args.resume_path, base, control)  # any layout; kind and family checked
     named = training.prepare_trainable(base, control, s.sd_locked)

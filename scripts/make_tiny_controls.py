@@ -14,7 +14,8 @@ project writes carries (`tinylllite.control_io`):
 
 - `controlnet.safetensors`: the original layout (`control_model.*`, what A1111 and ComfyUI load);
 - `lllite.safetensors`: kohya's layout (`lllite_unet_*`, networks/control_net_lllite.py);
-- `training_report.json`: how they were made (commands, steps, held-out IoU at the end, date).
+- `training_report.json`: how they were made (per branch: the export and training commands, steps,
+  held-out IoU at the end; date).
 
 Notebook 07 loads them (`tinylllite.checkpoint.load_control` reads both). Left out: SD1.5 controls
 (train those with `python tutorial_train.py --base ...`).
@@ -121,7 +122,7 @@ def train_and_export(control: str, args, staging: Path) -> dict:
         raise InputError(f"--from-run {run} trained a {config['control']}, not a {control}: pass --control")
     steps = int(list_checkpoints(run)[-1].name.removeprefix("step_"))
     return dict(file=name, layout=layout, dtype="fp16", steps=steps, run=run.name, train_command=" ".join(command),
-                settings=config["settings"], **final_scores(run))
+                export_command=args.command, settings=config["settings"], **final_scores(run))
 
 
 def main(argv=None) -> int:
@@ -148,8 +149,9 @@ def main(argv=None) -> int:
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
     try:
         pairs = len((data / "prompt.json").read_text().splitlines())
-        command = ["python scripts/make_tiny_controls.py", *(sys.argv[1:] if argv is None else argv)]
-        report = dict(command=" ".join(command), date=time.strftime("%Y-%m-%d %H:%M"), device=device_name(),
+        # each branch keeps the command that wrote it: a later call for the other branch does not replace it
+        args.command = " ".join(["python scripts/make_tiny_controls.py", *(sys.argv[1:] if argv is None else argv)])
+        report = dict(date=time.strftime("%Y-%m-%d %H:%M"), device=device_name(),
                       torch=torch.__version__, base="the tiny SD (tinylllite/tiny_sd_weights)",
                       data=f"{shown(data)} ({pairs} pairs)", controls={})
         for control in controls:

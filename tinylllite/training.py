@@ -72,6 +72,14 @@ def prepare_trainable(base: StableDiffusionBase, control,
     return named
 
 
+def use_channels_last(base: StableDiffusionBase, control) -> None:
+    """Keep the UNet's and the branch's conv weights in NHWC, the layout oneDNN's CPU convolutions prefer
+    (the tiny default job's `channels_last`). Activations follow the weights' layout; the numbers only round
+    differently."""
+    base.unet.to(memory_format=torch.channels_last)
+    control.to(memory_format=torch.channels_last)
+
+
 def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float = 0.01, use_8bit: bool = False):
     """AdamW (the original's optimizer, weight decay 0.01) over exactly the trainable params; 8-bit via bitsandbytes."""
     if not use_8bit:  # the fused kernel updates every tensor in one pass instead of several ops per tensor

@@ -42,8 +42,7 @@ part memory_controlnet_gc 60 train_step.py --batch 4 --impls tinylllite --steps 
     --gradient-checkpointing
 part memory_lllite 60 train_step.py --batch 4 --impls lllite --steps 3 --warmup 1 --rounds 1 --no-flops
 part memory_diffusers 60 train_step.py --batch 4 --impls diffusers --steps 3 --warmup 1 --rounds 1 --no-flops
-time_left 60 && part lever_fused_adamw 60 train_step.py --batch 4 --impls tinylllite,diffusers --fused-adamw \
-    --steps 10 --warmup 3 --no-flops
+time_left 60 && part step_parts 60 step_parts.py --batch 4 --steps 10 --warmup 3  # fused AdamW, LLLite's embedding
 time_left 60 && part lever_channels_last 60 train_step.py --batch 4 --impls tinylllite,diffusers --channels-last \
     --steps 10 --warmup 3 --no-flops
 time_left 120 && part lever_e2e_cache 120 train_e2e.py --batch 4 --pairs 256 --steps 30 --warmup 3 --rounds 1 \

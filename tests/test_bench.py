@@ -12,11 +12,27 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 import sample_step  # noqa: E402
+import step_parts  # noqa: E402
 import train_e2e  # noqa: E402
 import train_step  # noqa: E402
 
 QUICK = ["--device", "cpu", "--shape", "tiny", "--steps", "2", "--warmup", "0", "--rounds", "1", "--threads", "1"]
 ENVIRONMENT = {"device", "torch", "diffusers", "transformers", "settings"}
+
+
+def test_step_parts_reports_both_ways_of_each_part(tmp_path):
+    """step_parts.py times the default and the fused AdamW for both branches, and LLLite's embedding both ways."""
+    out = tmp_path / "step_parts.json"
+
+    printed = step_parts.main(QUICK + ["--batch", "2", "--out", str(out)])
+
+    assert json.loads(out.read_text()) == printed and ENVIRONMENT <= printed["environment"].keys()
+    for part, ways in (("adamw_controlnet", ("default_loop", "fused")), ("adamw_lllite", ("default_loop", "fused")),
+                       ("lllite_embedding", ("per_module", "together"))):
+        assert all(printed[part][way]["n"] == 2 for way in ways)
+        assert printed[part]["ratio"] > 0
+    assert printed["lllite_embedding"]["modules"] == 40  # the tiny UNet's 10 transformers x 4 wrapped Linears
+    assert printed["adamw_lllite"]["tensors"] > 10 * 40  # per module: down, mid, up and 2-3 convs, weight and bias
 
 
 def test_train_step_reports_every_implementation_and_equal_controlnet_work(tmp_path, capsys):

@@ -32,8 +32,8 @@ from tinylllite.fidelity import EVALUATION_SEED, evaluation_pairs
 # Measured on the tiny SD (bench/convergence.py, 2 seeds each): with Min-SNR-5 weighting its ControlNet passes
 # IoU 0.7 by step 400 (0.73-0.74), where plain MSE reached 0.28-0.42; lr 1e-3 at batch 16 (2e-4 idles for
 # minutes; 2e-3, batch 8 and cubic timesteps were no faster). On the 2-core CPU a step with the cache, 2 threads
-# and channels-last takes 0.29 s, 1.4x faster than one thread beside a data worker. Evaluation CFG 3: at CFG 9
-# the tiny SD overshoots (IoU 0.776 at 9, 0.853 at 3).
+# and channels-last takes 0.20-0.29 s (the shared machine varies), 1.4x faster than one thread beside a worker.
+# Evaluation CFG 3: at CFG 9 the tiny SD overshoots (IoU 0.776 at 9, 0.853 at 3).
 CONTROLNET = dict(
     batch_size=16,
     learning_rate=1e-3,
@@ -49,7 +49,7 @@ CONTROLNET = dict(
     mixed_precision="fp32",
     gradient_checkpointing=False,
     use_8bit_adam=False,
-    cache=True,  # encode every image and prompt once, up front (~30 s for the 10,000 tiny pairs), into --cache-dir
+    cache=True,  # encode every image and prompt once, up front (~20 s for the 10,000 tiny pairs), into --cache-dir
     data_workers=0,  # with the cache a batch is a lookup: both cores go to the step (`threads`), no worker needed
     channels_last=True,  # convolutions in NHWC, the layout oneDNN's CPU kernels prefer
     logger_freq=500,  # image log every this many optimizer steps (and at step 0); 0 = off

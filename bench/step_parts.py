@@ -1,14 +1,14 @@
 """Two parts of the training step, each done both ways in one process: which way the step takes, and why.
 
-- the optimizer update: torch's AdamW as its default multi-tensor loop against its fused kernel
-  (`training.make_optimizer` asks for the fused one on a GPU and on the CPU), over the trainable
-  tensors of a ControlNet and of an LLLite;
+- the optimizer update: torch's AdamW in its default implementation (on the CPU a loop over the tensors,
+  on a GPU the multi-tensor `foreach` one) against its fused kernel (`training.make_optimizer` asks for
+  the fused one on a GPU and on the CPU), over the trainable tensors of a ControlNet and of an LLLite;
 - LLLite's conditioning embedding, forward and backward: every module's own conv stack
   (`LLLite.set_conditioning(image)`, kohya's sums, what sampling uses) against one stack per depth
   (`set_conditioning(image, together=True)`, `lllite.embed_together`, what training uses).
 
 The two ways alternate `--rounds` times; each round runs `--warmup` untimed then `--steps` timed calls.
-Reported: the median milliseconds of each way and the ratio default-loop / fused and per-module / together
+Reported: the median milliseconds of each way and the ratio default / fused and per-module / together
 (> 1: the way training takes is faster).
 
     python bench/step_parts.py --threads 2 --out bench/results/cpu_step_parts.json
@@ -26,7 +26,7 @@ def adamw_update(params: list[torch.nn.Parameter], fused: bool):
     """One AdamW step over `params` (gradients set once, to ones: the update's cost does not depend on them)."""
     for p in params:
         p.grad = torch.ones_like(p)
-    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, fused=fused or None, foreach=None)
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, fused=fused)
     return optimizer.step
 
 
@@ -61,7 +61,7 @@ def main(argv=None) -> dict:
 
     results = {}
     for name, branch in (("controlnet", controlnet), ("lllite", lllite)):
-        params = [p for p in branch.parameters()]
+        params = list(branch.parameters())
         times = measure({"default_loop": adamw_update(params, fused=False), "fused": adamw_update(params, fused=True)},
                         args, device)
         results[f"adamw_{name}"] = dict(tensors=len(params), parameters=common.count_parameters(params), **times,

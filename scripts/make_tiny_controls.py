@@ -101,7 +101,7 @@ def export(base, control, kind: str, path: Path) -> None:
         save_state_dict(tensors, path, branch_metadata(base, control))
 
 
-def train_and_export(control: str, args, staging: Path) -> dict:
+def train_and_export(control: str, args, staging: Path, export_command: str) -> dict:
     """Run tutorial_train for one branch (or take --from-run), write the trained branch into `staging`, and
     describe the run."""
     if args.from_run:
@@ -122,7 +122,7 @@ def train_and_export(control: str, args, staging: Path) -> dict:
         raise InputError(f"--from-run {run} trained a {config['control']}, not a {control}: pass --control")
     steps = int(list_checkpoints(run)[-1].name.removeprefix("step_"))
     return dict(file=name, layout=layout, dtype="fp16", steps=steps, run=run.name, train_command=" ".join(command),
-                export_command=args.command, settings=config["settings"], **final_scores(run))
+                export_command=export_command, settings=config["settings"], **final_scores(run))
 
 
 def main(argv=None) -> int:
@@ -150,12 +150,12 @@ def main(argv=None) -> int:
     try:
         pairs = len((data / "prompt.json").read_text().splitlines())
         # each branch keeps the command that wrote it: a later call for the other branch does not replace it
-        args.command = " ".join(["python scripts/make_tiny_controls.py", *(sys.argv[1:] if argv is None else argv)])
+        command = " ".join(["python scripts/make_tiny_controls.py", *(sys.argv[1:] if argv is None else argv)])
         report = dict(date=time.strftime("%Y-%m-%d %H:%M"), device=device_name(),
                       torch=torch.__version__, base="the tiny SD (tinylllite/tiny_sd_weights)",
                       data=f"{shown(data)} ({pairs} pairs)", controls={})
         for control in controls:
-            report["controls"][control] = train_and_export(control, args, staging)
+            report["controls"][control] = train_and_export(control, args, staging, command)
         if (out / REPORT).exists():  # a run of one branch keeps the other's record
             report["controls"] = json.loads((out / REPORT).read_text())["controls"] | report["controls"]
         (staging / REPORT).write_text(json.dumps(report, indent=1) + "\n")

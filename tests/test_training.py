@@ -165,6 +165,42 @@ def test_min_snr_weights_clip_high_snr_timesteps_only():
     torch.testing.assert_close(weights_, torch.stack([torch.tensor(1.0), 5.0 / snr[1]]))
 
 
+def test_the_optimizer_is_torchs_fused_adamw_on_the_cpu_too():
+    """make_optimizer asks for the fused kernel wherever torch has one for the parameters' device (here the CPU)."""
+    params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))]
+    optimizer = training.make_optimizer(params, 1e-3)
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"] is True
+    assert optimizer.defaults["weight_decay"] == 0.01
+
+
+def test_lllite_training_embeds_in_grouped_stacks_and_sampling_module_by_module(monkeypatch):
+    """The training loss embeds the hint with embed_together (one conv stack per depth); a UNet call outside
+    training, as sampling makes it, keeps each module's own convs (kohya's sums)."""
+    from tinylllite import control_branch, lllite_unet
+    from tinylllite.lllite_unet import attach_lllite
+
+    calls, real = [], lllite_unet.embed_together
+
+    def counted(modules, image):
+        calls.append(len(modules))
+        return real(modules, image)
+
+    monkeypatch.setattr(lllite_unet, "embed_together", counted)
+    base = tiny_base()
+    lllite = attach_lllite(base.unet, 8, 8, vae_scale_factor=base.vae_scale_factor)
+    side = base.unet.config.sample_size
+    batch = dict(latents=torch.randn(2, 4, side, side), noise=torch.randn(2, 4, side, side),
+                 timesteps=torch.tensor([10, 900]), hidden=base.encode_prompt(["a", "b"])[0], added_cond_kwargs=None,
+                 hint=torch.rand(2, 3, side * base.vae_scale_factor, side * base.vae_scale_factor))
+
+    training.diffusion_loss(base, lllite, training.training_scheduler(base), batch)
+    assert calls == [len(lllite)]
+    with torch.no_grad():
+        control_branch.unet_prediction(base, lllite, batch["latents"], batch["timesteps"], batch["hidden"],
+                                       hint=batch["hint"])
+    assert calls == [len(lllite)]  # not called again
+
+
 def test_ctrl_c_finishes_the_step_saves_and_exits(data, tmp_path, monkeypatch):
     """SIGINT during step 2 ends the run after that step with a checkpoint at step 2."""
     real, calls = training.diffusion_loss, []

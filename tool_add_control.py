@@ -31,15 +31,15 @@ import torch
 
 from diffusers import UNet2DConditionModel
 
-from tinylllite import ldm_format as lf
-from tinylllite.control_io import control_metadata, controlnet_config_from_shapes, lllite_metadata
+from tinylllite.files import ldm_format as lf
+from tinylllite.files.control_io import control_metadata, controlnet_config_from_shapes, lllite_metadata
 from tinylllite.errors import InputError, run_command
 from tinylllite.hint import HintEncoder
-from tinylllite.identify import FAMILY_NAMES, META, FileInfo, identify
+from tinylllite.files.identify import FAMILY_NAMES, META, FileInfo, identify
 from tinylllite.lllite import LLLiteModule
 from tinylllite.lllite_unet import attach_lllite
-from tinylllite.sd_loading import check_sd_parts, family_config
-from tinylllite.state_dicts import refuse_existing, save_state_dict, tensor_shapes
+from tinylllite.files.sd_loading import check_sd_parts, family_config
+from tinylllite.files.state_dicts import refuse_existing, save_state_dict, tensor_shapes
 
 ENCODER_PARTS = ("time_embed.", "label_emb.", "input_blocks.", "middle_block.")  # what cldm.py copies
 

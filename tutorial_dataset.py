@@ -4,7 +4,7 @@ and `tutorial_dataset_test.py` in one file).
 `MyDataset` reads ./training/fill50k/prompt.json (JSON Lines) and returns the original's dict:
 `jpg` = target image in [-1, 1], `txt` = prompt, `hint` = source outline in [0, 1], HWC float32 RGB
 (the original read BGR with OpenCV and converted; PIL reads RGB). The loading itself lives in
-`tinylllite.datasets.Fill50KDataset`.
+`tinylllite.data.datasets.Fill50KDataset`.
 
     python tutorial_dataset.py                      # what tutorial_dataset_test.py printed (falls back to the
                                                     # tiny training job's ./training/fill50k_<size>)
@@ -16,9 +16,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from tinylllite.datasets import Fill50KDataset, size_flag
+from tinylllite.data.datasets import Fill50KDataset, size_flag
 from tinylllite.errors import InputError, run_command
-from tinylllite.fill50k import write_fill50k
+from tinylllite.data.fill50k import write_fill50k
 
 DATA_ROOT = Path("./training/fill50k")
 TINY_ROOTS = "./training/fill50k_*"  # where the default tiny training job writes its set, e.g. fill50k_64

@@ -24,9 +24,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from tinylllite import batches, checkpoint, control_branch, control_io, image_log, nan_guard, stopping, training
+from tinylllite import control_branch, nan_guard, training
+from tinylllite.files import checkpoint, control_io
+from tinylllite.run import batches, image_log, stopping
 from tinylllite.errors import InputError, run_command
-from tinylllite.fidelity import EVALUATION_SEED, evaluation_pairs
+from tinylllite.data.fidelity import EVALUATION_SEED, evaluation_pairs
 
 # ---- Configs: what `python tutorial_train.py` runs (the tiny SD on a CPU), one block per --control ------------
 # Measured on the tiny SD (bench/convergence.py, 2 seeds each): with Min-SNR-5 weighting its ControlNet passes
@@ -175,13 +177,13 @@ def open_data(args, settings: dict, base, tiny: bool, rank: int):
 
     Only the tiny SD's own default folder is ever created; a given --data must exist. The data says what
     it is: Fill50K's IoU is computed only when every caption is a Fill50K prompt."""
-    from tinylllite.dataset_check import open_checked
+    from tinylllite.data.dataset_check import open_checked
     from tinylllite.sample import check_image_size
 
     size = base.unet.config.sample_size * base.vae_scale_factor
     data = Path(args.data or (f"./training/fill50k_{size}" if tiny else "./training/fill50k"))
     if args.data is None and tiny and not (data / "prompt.json").exists() and rank == 0:
-        from tinylllite.fill50k import write_fill50k
+        from tinylllite.data.fill50k import write_fill50k
 
         print(f"{data} is missing: writing 10,000 Fill50K pairs at {size} px (seed 0)")
         write_fill50k(data, n=10_000, size=size, seed=0)

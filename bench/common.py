@@ -4,7 +4,7 @@ The benchmarks compare tinylllite with the path diffusers' own examples take
 (`examples/controlnet/train_controlnet.py`, `StableDiffusionControlNetPipeline`) on the same weights:
 
 - `--shape tiny`: the committed tiny SD (64 px), so a CPU answers in seconds;
-- `--shape sd15`: SD1.5's UNet, VAE and CLIP ViT-L built from `tinylllite/configs/sd1.json` with random
+- `--shape sd15`: SD1.5's UNet, VAE and CLIP ViT-L built from `tinylllite/sd/configs/sd1.json` with random
   weights (512 px); speed does not depend on the weights' values, and nothing is downloaded.
 
 Every tinylllite name the benchmarks use is imported here, so a renamed API is fixed in one place.
@@ -34,16 +34,16 @@ sys.path.insert(0, str(REPO))
 
 import tutorial_train  # noqa: E402,F401  (re-exported, like the names below, for the benchmarks)
 from tinylllite import control_branch, nan_guard, training  # noqa: E402,F401
-from tinylllite.base import StableDiffusionBase  # noqa: E402
+from tinylllite.sd.base import StableDiffusionBase  # noqa: E402
 from tinylllite.controlnet import ControlNet  # noqa: E402,F401
-from tinylllite.datasets import Fill50KDataset  # noqa: E402,F401
+from tinylllite.data.datasets import Fill50KDataset  # noqa: E402,F401
 from tinylllite.errors import InputError, run_command  # noqa: E402,F401
-from tinylllite.fill50k import write_fill50k  # noqa: E402,F401
+from tinylllite.data.fill50k import write_fill50k  # noqa: E402,F401
 from tinylllite.lllite_unet import attach_lllite  # noqa: E402
 from tinylllite.sample import make_sampler, sample  # noqa: E402,F401
-from tinylllite.sd_loading import family_config  # noqa: E402
-from tinylllite.tiny_sd import load_tiny_sd  # noqa: E402
-from tinylllite.tokenizer import clip_tokenizer  # noqa: E402
+from tinylllite.files.sd_loading import family_config  # noqa: E402
+from tinylllite.sd.tiny_sd import load_tiny_sd  # noqa: E402
+from tinylllite.sd.tokenizer import clip_tokenizer  # noqa: E402
 
 SHAPES = ("tiny", "sd15")
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}

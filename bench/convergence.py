@@ -150,7 +150,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if not args.summarise:
         if not (args.data / "prompt.json").exists():
-            from tinylllite.fill50k import write_fill50k
+            from tinylllite.data.fill50k import write_fill50k
 
             write_fill50k(args.data, n=10_000, size=64, seed=0)  # the default job's data
         jobs = [(n, s) for n in args.variants for s in args.seeds]

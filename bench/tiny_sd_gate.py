@@ -2,7 +2,7 @@
 
 Generates one image per held-out Fill50K prompt with the shared sampler (`tinylllite.sample.sample`:
 DDIM, 50 steps, CFG 9, unconditional = empty prompt) and scores it with
-`tinylllite.fidelity.fill50k_fidelity` against the pair's own outline:
+`tinylllite.data.fidelity.fill50k_fidelity` against the pair's own outline:
 
 - colour error (position-free): must be <= 40 (chance is about 147), aim <= 20;
 - IoU: should stay near what a disc at a random place scores, since the base was never told where.
@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tinylllite.fidelity import chance_colour_error, distinguishable, fill50k_fidelity
-from tinylllite.fill50k import make_pair
+from tinylllite.data.fidelity import chance_colour_error, distinguishable, fill50k_fidelity
+from tinylllite.data.fill50k import make_pair
 from tinylllite.sample import sample, to_uint8
-from tinylllite.tiny_sd import TINY_IMAGE_SIZE, WEIGHTS_DIR, load_tiny_sd
+from tinylllite.sd.tiny_sd import TINY_IMAGE_SIZE, WEIGHTS_DIR, load_tiny_sd
 
 HELD_OUT_SEED = 1
 

@@ -1,6 +1,6 @@
 """Speed of whole training runs from image files: `tutorial_train.py` vs a diffusers-style loop.
 
-On a small Fill50K folder written for the run (`tinylllite.fill50k.write_fill50k`, at the base's
+On a small Fill50K folder written for the run (`tinylllite.data.fill50k.write_fill50k`, at the base's
 image size), both train a fresh ControlNet and encode every batch afresh (no cache):
 
 - `tinylllite`: `tutorial_train.main([...], base=base)` with evaluation, image log and intermediate

@@ -1,6 +1,6 @@
 """Train the tiny ControlNet and tiny LLLite that ship with the package, with the default job's recipe.
 
-    python scripts/make_tiny_controls.py              # both, 2,500 steps each, into tinylllite/tiny_sd_weights/controls/
+    python scripts/make_tiny_controls.py              # both, 2,500 steps each, into tinylllite/sd/tiny_sd_weights/controls/
     python scripts/make_tiny_controls.py --steps 5 --out /tmp/controls --runs /tmp/runs --eval-pairs 2 --logger-freq 0
     python scripts/make_tiny_controls.py --control lllite --from-run runs/lllite-20261128-083000   # export a run
 
@@ -10,14 +10,14 @@ budget instead of the clock so that the result does not depend on the machine's 
 default data `./training/fill50k_64` (10,000 pairs at 64 px, seed 0, written when missing). Flags this
 script does not know go on to tutorial_train.py (`--eval-pairs 2 --logger-freq 0` above). The trained
 branch is then written in fp16, as people share control files, with the metadata every file this
-project writes carries (`tinylllite.control_io`):
+project writes carries (`tinylllite.files.control_io`):
 
 - `controlnet.safetensors`: the original layout (`control_model.*`, what A1111 and ComfyUI load);
 - `lllite.safetensors`: kohya's layout (`lllite_unet_*`, networks/control_net_lllite.py);
 - `training_report.json`: how they were made (per branch: the export and training commands, steps,
   held-out IoU at the end; date).
 
-Notebook 07 loads them (`tinylllite.checkpoint.load_control` reads both). Left out: SD1.5 controls
+Notebook 07 loads them (`tinylllite.files.checkpoint.load_control` reads both). Left out: SD1.5 controls
 (train those with `python tutorial_train.py --base ...`).
 """
 import argparse
@@ -36,13 +36,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tutorial_train.py lives at the top of the repository
 
 import tutorial_train  # noqa: E402  (after making the repository importable)
-from tinylllite.checkpoint import list_checkpoints, load_control  # noqa: E402
+from tinylllite.files.checkpoint import list_checkpoints, load_control  # noqa: E402
 from tinylllite.control_branch import branch_state_dict  # noqa: E402
-from tinylllite.control_io import branch_metadata, controlnet_config_of, write_control  # noqa: E402
+from tinylllite.files.control_io import branch_metadata, controlnet_config_of, write_control  # noqa: E402
 from tinylllite.errors import InputError, run_command  # noqa: E402
-from tinylllite.fill50k import write_fill50k  # noqa: E402
-from tinylllite.state_dicts import save_state_dict  # noqa: E402
-from tinylllite.tiny_sd import TINY_IMAGE_SIZE, load_tiny_sd  # noqa: E402
+from tinylllite.data.fill50k import write_fill50k  # noqa: E402
+from tinylllite.files.state_dicts import save_state_dict  # noqa: E402
+from tinylllite.sd.tiny_sd import TINY_IMAGE_SIZE, load_tiny_sd  # noqa: E402
 
 CONTROLS_DIR = ROOT / "tinylllite" / "tiny_sd_weights" / "controls"
 FILES = {"controlnet": ("controlnet.safetensors", "original"), "lllite": ("lllite.safetensors", "kohya")}
@@ -152,7 +152,7 @@ def main(argv=None) -> int:
         # each branch keeps the command that wrote it: a later call for the other branch does not replace it
         command = " ".join(["python scripts/make_tiny_controls.py", *(sys.argv[1:] if argv is None else argv)])
         report = dict(date=time.strftime("%Y-%m-%d %H:%M"), device=device_name(),
-                      torch=torch.__version__, base="the tiny SD (tinylllite/tiny_sd_weights)",
+                      torch=torch.__version__, base="the tiny SD (tinylllite/sd/tiny_sd_weights)",
                       data=f"{shown(data)} ({pairs} pairs)", controls={})
         for control in controls:
             report["controls"][control] = train_and_export(control, args, staging, command)

@@ -1,9 +1,9 @@
-"""Pretrain the tiny Stable Diffusion of `tinylllite.tiny_sd` from scratch on Fill50K at 64 px.
+"""Pretrain the tiny Stable Diffusion of `tinylllite.sd.tiny_sd` from scratch on Fill50K at 64 px.
 
 Four stages (`--stage`, default all in order), each seeded by `--seed` and run on its own if wanted:
 
 1. vae: the AutoencoderKL learns to round-trip Fill50K targets rendered on the fly
-   (`tinylllite.fill50k.make_pair`, never written to disk). Loss = MSE + 1e-6 KL (SD's KL weight).
+   (`tinylllite.data.fill50k.make_pair`, never written to disk). Loss = MSE + 1e-6 KL (SD's KL weight).
    Afterwards the latent scaling factor is set to 1 / std of the latents, as SD's 0.18215 was.
 2. decoder: the decoder alone is fine-tuned, the encoder frozen. The UNet only sees the encoder's
    latents, so this stage can run beside `unet` (two processes) and still improve its images.
@@ -20,7 +20,7 @@ Four stages (`--stage`, default all in order), each seeded by `--seed` and run o
 Every stage writes its part to `--out/<part>/` in diffusers' layout (fp16 storage) atomically, logs
 to `--log`, and records its wall time and metrics in `--out/training_report.json`. Positions are drawn
 uniformly, so the base learns colours, not where the circle goes. The committed weights were made by
-the commands in `tinylllite/tiny_sd_weights/training_report.json` ("commands").
+the commands in `tinylllite/sd/tiny_sd_weights/training_report.json` ("commands").
 
 Left out: the VAE's perceptual and adversarial losses (flat discs need neither), offset noise.
 """
@@ -39,10 +39,10 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel
 
-from tinylllite.fidelity import distinguishable, fill50k_fidelity
-from tinylllite.fill50k import COLOUR_NAMES, COLOURS, make_pair, prompt_for
-from tinylllite.tiny_sd import SCHEDULER_CONFIG, TINY_IMAGE_SIZE, WEIGHTS_DIR, build_tiny_parts
-from tinylllite.tokenizer import clip_tokenizer
+from tinylllite.data.fidelity import distinguishable, fill50k_fidelity
+from tinylllite.data.fill50k import COLOUR_NAMES, COLOURS, make_pair, prompt_for
+from tinylllite.sd.tiny_sd import SCHEDULER_CONFIG, TINY_IMAGE_SIZE, WEIGHTS_DIR, build_tiny_parts
+from tinylllite.sd.tokenizer import clip_tokenizer
 
 EVAL_SEED_OFFSET = 1000  # held-out pairs come from seed + 1000, training pairs from seed
 KL_WEIGHT = 1e-6

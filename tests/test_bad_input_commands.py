@@ -19,10 +19,10 @@ from PIL import Image
 from test_tool_add_control import tiny_ldm_checkpoint
 from test_training import tiny_fill50k
 
-from tinylllite.control_io import save_controlnet
+from tinylllite.files.control_io import save_controlnet
 from tinylllite.controlnet import ControlNet
 from tinylllite.lllite_unet import attach_lllite
-from tinylllite.tiny_sd import load_tiny_sd
+from tinylllite.sd.tiny_sd import load_tiny_sd
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = [str(ROOT / "tutorial_train.py"), "--max-steps", "1", "--eval-every", "0", "--logger-freq", "0"]

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tinylllite import fill50k
-from tinylllite.canny import canny_folder
-from tinylllite.canny import main as canny_main
-from tinylllite.dataset_check import FOLDER, JSONL, TOML, check_dataset, open_checked
-from tinylllite.dataset_check import main as dataset_check_main
-from tinylllite.datasets import Fill50KDataset, PairedFolderDataset, load_rgb
+from tinylllite.data import fill50k
+from tinylllite.data.canny import canny_folder
+from tinylllite.data.canny import main as canny_main
+from tinylllite.data.dataset_check import FOLDER, JSONL, TOML, check_dataset, open_checked
+from tinylllite.data.dataset_check import main as dataset_check_main
+from tinylllite.data.datasets import Fill50KDataset, PairedFolderDataset, load_rgb
 from tinylllite.errors import InputError
-from tinylllite.fill50k import write_fill50k
+from tinylllite.data.fill50k import write_fill50k
 
 ROOT = Path(__file__).parent.parent
 
@@ -200,7 +200,7 @@ def test_open_checked_reads_image_headers_only(fill50k_set, monkeypatch):
         raise AssertionError("decoded")
 
     monkeypatch.setattr(Image.Image, "load", no_decoding)
-    monkeypatch.setattr("tinylllite.dataset_check.open_training_data", lambda *args: ([], None))
+    monkeypatch.setattr("tinylllite.data.dataset_check.open_training_data", lambda *args: ([], None))
     assert open_checked(fill50k_set).layout == FOLDER
 
 

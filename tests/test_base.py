@@ -5,8 +5,8 @@ import torch
 from tiny_models import tiny_base, tiny_text_encoder, tiny_unet, tiny_vae
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from tinylllite.base import StableDiffusionBase
-from tinylllite.tokenizer import clip_tokenizer
+from tinylllite.sd.base import StableDiffusionBase
+from tinylllite.sd.tokenizer import clip_tokenizer
 
 
 def _openclip_like(layers: int) -> CLIPTextModel:

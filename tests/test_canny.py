@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from tinylllite.canny import canny, canny_folder, png_prompt
-from tinylllite.fill50k import make_pair
+from tinylllite.data.canny import canny, canny_folder, png_prompt
+from tinylllite.data.fill50k import make_pair
 
 
 def test_a_vertical_step_gives_a_one_pixel_wide_white_line():

@@ -14,16 +14,16 @@ from test_tool_add_control import tiny_ldm_checkpoint
 from tiny_models import tiny_base
 
 import tool_add_control as tool
-from tinylllite import checkpoint
+from tinylllite.files import checkpoint
 from tinylllite.control_branch import branch_state_dict, control_kind
-from tinylllite.control_io import (branch_metadata, lllite_metadata, load_any_control, load_control_weights,
+from tinylllite.files.control_io import (branch_metadata, lllite_metadata, load_any_control, load_control_weights,
                                    save_controlnet)
 from tinylllite.controlnet import ControlNet
-from tinylllite.convert import convert
+from tinylllite.files.convert import convert
 from tinylllite.errors import InputError
-from tinylllite.identify import identify
+from tinylllite.files.identify import identify
 from tinylllite.lllite_unet import attach_lllite
-from tinylllite.state_dicts import save_state_dict
+from tinylllite.files.state_dicts import save_state_dict
 
 
 def randomised(module: torch.nn.Module, seed: int = 1) -> torch.nn.Module:

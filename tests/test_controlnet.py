@@ -16,7 +16,7 @@ from tinylllite.controlnet import (
     guess_mode_scales,
     set_trainable,
 )
-from tinylllite.naming import diffusers_to_ldm
+from tinylllite.sd.naming import diffusers_to_ldm
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CONFIGS = {"sd1": tiny_sd15_unet_config, "sdxl": tiny_sdxl_unet_config}

@@ -15,13 +15,13 @@ import tool_add_control as tool
 from test_sd_loading import pattern, sdxl_meta_ldm
 from test_tool_add_control import tiny_ldm_checkpoint
 from tiny_models import tiny_base, tiny_unet
-from tinylllite.base import StableDiffusionBase
-from tinylllite.control_io import load_any_control, save_controlnet
+from tinylllite.sd.base import StableDiffusionBase
+from tinylllite.files.control_io import load_any_control, save_controlnet
 from tinylllite.controlnet import ControlNet
-from tinylllite.convert import convert, main
+from tinylllite.files.convert import convert, main
 from tinylllite.errors import run_command
 from tinylllite.lllite_unet import attach_lllite
-from tinylllite.sd_loading import base_from_ldm
+from tinylllite.files.sd_loading import base_from_ldm
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

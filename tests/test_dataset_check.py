@@ -5,8 +5,8 @@ import sys
 import pytest
 from PIL import Image
 
-from tinylllite.dataset_check import check_dataset
-from tinylllite.fill50k import write_fill50k
+from tinylllite.data.dataset_check import check_dataset
+from tinylllite.data.fill50k import write_fill50k
 
 
 @pytest.fixture

@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from tinylllite.datasets import Fill50KDataset, PairedFolderDataset
+from tinylllite.data.datasets import Fill50KDataset, PairedFolderDataset
 from tinylllite.errors import InputError
-from tinylllite.fill50k import make_pair, write_fill50k
-from tinylllite.kohya_toml import load_kohya_toml, open_training_data, parse_kohya_toml
+from tinylllite.data.fill50k import make_pair, write_fill50k
+from tinylllite.data.kohya_toml import load_kohya_toml, open_training_data, parse_kohya_toml
 
 ROOT = Path(__file__).parent.parent
 

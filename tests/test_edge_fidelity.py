@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from tinylllite.canny import canny
-from tinylllite.edge_fidelity import dilate, edge_f1, sample_edge_f1
+from tinylllite.data.canny import canny
+from tinylllite.data.edge_fidelity import dilate, edge_f1, sample_edge_f1
 
 
 def shapes_image(size: int = 64) -> np.ndarray:

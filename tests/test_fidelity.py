@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from tinylllite.fidelity import (chance_colour_error, distinguishable, evaluation_pairs, fill50k_fidelity,
+from tinylllite.data.fidelity import (chance_colour_error, distinguishable, evaluation_pairs, fill50k_fidelity,
                                  fit_circle, prompt_colours)
-from tinylllite.fill50k import COLOURS, make_pair
+from tinylllite.data.fill50k import COLOURS, make_pair
 
 
 def swapped_colours(pair):

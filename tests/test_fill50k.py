@@ -5,9 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tinylllite import fill50k
+from tinylllite.data import fill50k
 from tinylllite.errors import InputError
-from tinylllite.fill50k import COLOURS, draw_parameters, make_pair, prompt_for, write_fill50k
+from tinylllite.data.fill50k import COLOURS, draw_parameters, make_pair, prompt_for, write_fill50k
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -8,10 +8,10 @@ import torch
 from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from tinylllite import ldm_format as lf
+from tinylllite.files import ldm_format as lf
 from tinylllite.errors import InputError
-from tinylllite.identify import unet_family
-from tinylllite.sd_loading import family_config
+from tinylllite.files.identify import unet_family
+from tinylllite.files.sd_loading import family_config
 
 FIXTURES = Path(__file__).parent / "fixtures"
 KEYMAP = json.loads((FIXTURES / "sd15_ldm_to_diffusers_keymap.json").read_text())

@@ -10,8 +10,8 @@ from nbclient import NotebookClient
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from tinylllite.errors import InputError
-from tinylllite.notebook_setup import notebook_setup
-from tinylllite.sd_loading import family_config
+from tinylllite.run.notebook_setup import notebook_setup
+from tinylllite.files.sd_loading import family_config
 
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 

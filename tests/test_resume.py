@@ -9,7 +9,7 @@ import torch
 from test_training import tiny_fill50k, train
 from tiny_models import tiny_base
 
-from tinylllite import checkpoint
+from tinylllite.files import checkpoint
 from tinylllite.controlnet import ControlNet, set_trainable
 
 REPO = Path(__file__).resolve().parent.parent
@@ -85,7 +85,7 @@ def test_a_failed_save_leaves_no_tmp_folder_and_names_the_checkpoint(tmp_path, m
     """Disk full in either writer: no step_N.tmp/ is left, the error names step_N, step 1 still loads."""
     from safetensors import SafetensorError
 
-    from tinylllite import state_dicts
+    from tinylllite.files import state_dicts
 
     checkpoint.save_checkpoint(tmp_path, 1, fake_weights(1.0), {"step": 1})
 

@@ -274,8 +274,8 @@ def test_the_command_writes_pngs(base, tmp_path, monkeypatch, hint):
 
 def test_the_image_log_writes_the_original_panels_and_metrics_plot(base, tmp_path, trained_like_controlnet):
     """control, reconstruction, conditioning, samples_cfg_scale_9.00 per log step; metrics.jsonl + metrics.png."""
-    from tinylllite.fill50k import make_pair
-    from tinylllite.image_log import MetricsLog, log_training_panels
+    from tinylllite.data.fill50k import make_pair
+    from tinylllite.run.image_log import MetricsLog, log_training_panels
 
     pairs = [make_pair(0, i, size=SIZE) for i in range(2)]
     items = [dict(jpg=p.target / 127.5 - 1, txt=p.prompt, hint=p.source / 255.0) for p in pairs]

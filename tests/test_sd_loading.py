@@ -9,10 +9,10 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from tinylllite import ldm_format as lf
+from tinylllite.files import ldm_format as lf
 from tinylllite.errors import InputError
-from tinylllite.sd_loading import base_from_ldm, family_config, load_base
-from tinylllite.state_dicts import open_state_dict
+from tinylllite.files.sd_loading import base_from_ldm, family_config, load_base
+from tinylllite.files.state_dicts import open_state_dict
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SD15_PARTS = ("unet", "vae", "text_encoder")

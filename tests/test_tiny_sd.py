@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tinylllite.sample import sample
-from tinylllite.tiny_sd import (TEXT_ENCODER_CONFIG, TINY_IMAGE_SIZE, UNET_CONFIG, VAE_CONFIG, WEIGHTS_DIR,
+from tinylllite.sd.tiny_sd import (TEXT_ENCODER_CONFIG, TINY_IMAGE_SIZE, UNET_CONFIG, VAE_CONFIG, WEIGHTS_DIR,
                                 build_tiny_parts, load_tiny_sd)
 
 PROMPT = "red circle with blue background"
@@ -66,7 +66,7 @@ def test_tiny_sd_generates_deterministic_images_of_the_tiny_size(base):
 
 def test_tiny_vae_reconstructs_a_flat_disc(base):
     """The VAE round trip of a Fill50K target keeps its two colours (a loose check; the gate measures it)."""
-    from tinylllite.fill50k import make_pair
+    from tinylllite.data.fill50k import make_pair
 
     pair = make_pair(seed=5, index=0, size=TINY_IMAGE_SIZE)
     image = torch.from_numpy(pair.target).permute(2, 0, 1)[None].float() / 127.5 - 1  # (1, 3, S, S)

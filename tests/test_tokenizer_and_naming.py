@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from tinylllite.naming import diffusers_to_ldm
-from tinylllite.tokenizer import clip_tokenizer
+from tinylllite.sd.naming import diffusers_to_ldm
+from tinylllite.sd.tokenizer import clip_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

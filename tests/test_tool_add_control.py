@@ -13,11 +13,11 @@ from safetensors.torch import load_file, save_file
 
 import tool_add_control as tool
 from test_sd_loading import POSITION_IDS, pattern, sd15_ldm_shapes
-from tinylllite import ldm_format as lf
+from tinylllite.files import ldm_format as lf
 from tinylllite.controlnet import ControlNet
 from tinylllite.errors import InputError, run_command
-from tinylllite.sd_loading import check_sd_parts, family_config, load_base
-from tinylllite.state_dicts import open_state_dict
+from tinylllite.files.sd_loading import check_sd_parts, family_config, load_base
+from tinylllite.files.state_dicts import open_state_dict
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ROOT = Path(__file__).parent.parent
@@ -184,7 +184,7 @@ def write_full_size_sd15(path) -> dict[str, list[int]]:
 
 def peak_memory_of_loading(path) -> tuple[float, float]:
     """(peak RSS in GB, seconds) of a fresh process that runs load_base(path) and reads every weight once."""
-    code = ("import sys, time; from tinylllite.sd_loading import load_base; t = time.time(); "
+    code = ("import sys, time; from tinylllite.files.sd_loading import load_base; t = time.time(); "
             "base = load_base(sys.argv[1], dtype=None); "
             "total = sum(p.float().sum().item() for m in base.parts().values() for p in m.parameters()); "
             "hwm = open('/proc/self/status').read().split('VmHWM:')[1].split()[0]; "  # kB, this process only

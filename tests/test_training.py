@@ -9,9 +9,10 @@ import torch
 from tiny_models import tiny_base
 
 import tutorial_train
-from tinylllite import batches, nan_guard, training
+from tinylllite import nan_guard, training
+from tinylllite.run import batches
 from tinylllite.errors import InputError
-from tinylllite.fill50k import write_fill50k
+from tinylllite.data.fill50k import write_fill50k
 
 
 LR = 1e-5  # the real-SD default the tiny random base gets
@@ -248,7 +249,7 @@ def test_a_run_folder_loads_back_with_its_branch_and_unlocked_decoder(data, tmp_
     """load_control(base, run) rebuilds the trained ControlNet and puts the trained, unlocked decoder back."""
     from safetensors.torch import load_file
 
-    from tinylllite.checkpoint import list_checkpoints, load_control
+    from tinylllite.files.checkpoint import list_checkpoints, load_control
 
     result = train(data, tmp_path, "--max-steps", 1, "--sd-locked", "false")
     base = tiny_base()

@@ -9,7 +9,7 @@ from test_training import tiny_fill50k, train
 from tiny_models import tiny_base
 
 import tutorial_train
-from tinylllite import image_log, stopping
+from tinylllite.run import image_log, stopping
 from tinylllite.errors import InputError
 
 
@@ -21,8 +21,8 @@ def data(tmp_path_factory):
 @pytest.mark.parametrize("control, block", [("controlnet", tutorial_train.CONTROLNET), ("lllite", tutorial_train.LLLITE)])
 def test_the_default_run_records_exactly_the_config_block_at_the_top(control, block, tmp_path, monkeypatch):
     """`python tutorial_train.py [--control lllite]` writes config.json whose settings are the top block, unchanged."""
-    from tinylllite import fill50k
-    from tinylllite.tiny_sd import load_tiny_sd
+    from tinylllite.data import fill50k
+    from tinylllite.sd.tiny_sd import load_tiny_sd
 
     monkeypatch.chdir(tmp_path)
     real_write = fill50k.write_fill50k
@@ -107,7 +107,7 @@ def test_bad_flags_are_refused_where_they_are_parsed(flags, named, capsys):
 def test_snr_gamma_0_turns_the_tiny_defaults_min_snr_off_and_trains_on_plain_mse():
     """The tiny block weights the loss with Min-SNR-5; `--snr-gamma 0` gives the unweighted loss, bit for bit."""
     from tinylllite import training
-    from tinylllite.tiny_sd import load_tiny_sd
+    from tinylllite.sd.tiny_sd import load_tiny_sd
 
     default, _ = tutorial_train.resolve_settings(tutorial_train.parse_args([]), tiny=True)
     off, _ = tutorial_train.resolve_settings(tutorial_train.parse_args(["--snr-gamma", "0"]), tiny=True)
@@ -197,7 +197,7 @@ def marked_controlnet(base):
 @pytest.mark.parametrize("layout, name", [("original", "control.ckpt"), ("diffusers", "control_diffusers")])
 def test_resume_path_starts_from_an_original_ckpt_or_a_diffusers_folder(layout, name, data, tmp_path):
     """--resume-path reads the original's .ckpt layout and a diffusers ControlNet folder into the fresh branch."""
-    from tinylllite.control_io import save_controlnet
+    from tinylllite.files.control_io import save_controlnet
 
     base = tiny_base()
     save_controlnet(marked_controlnet(base), base.unet, tmp_path / name, layout=layout)
@@ -222,7 +222,7 @@ def test_resume_path_starts_an_lllite_from_a_kohya_file(data, tmp_path):
 
 def test_a_checkpoint_converted_to_the_original_layout_resumes_training(data, tmp_path):
     """A run's control.safetensors converts with `python -m tinylllite.convert`, and --resume-path takes the result."""
-    from tinylllite import convert
+    from tinylllite.files import convert
 
     first = train(data, tmp_path / "first", "--max-steps", 1, "--batch-size", 2)
     step_file = first["out"] / "checkpoints" / "step_0000001" / "control.safetensors"
@@ -253,7 +253,7 @@ def test_an_unreadable_validation_image_is_refused_before_training(data, tmp_pat
 
 def test_data_far_larger_than_the_base_is_refused_up_front(tmp_path):
     """512 px pairs on the 64 px tiny-SD-sized base would train for minutes on a useless size: refused, named."""
-    from tinylllite.fill50k import write_fill50k
+    from tinylllite.data.fill50k import write_fill50k
 
     big = tmp_path / "fill50k_512"
     write_fill50k(big, n=2, size=512, seed=0, workers=1)

@@ -7,8 +7,8 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from tinylllite.base import StableDiffusionBase
-from tinylllite.tokenizer import clip_tokenizer
+from tinylllite.sd.base import StableDiffusionBase
+from tinylllite.sd.tokenizer import clip_tokenizer
 
 TEXT_DIM = 32
 

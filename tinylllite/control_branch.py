@@ -19,7 +19,7 @@ from contextlib import contextmanager
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from tinylllite.base import StableDiffusionBase
+from tinylllite.sd.base import StableDiffusionBase
 from tinylllite.controlnet import ControlNet, controlled_unet_forward
 from tinylllite.controlnet import guess_mode_scales as logspace_scales
 from tinylllite.controlnet import set_trainable as controlnet_set_trainable

@@ -29,8 +29,8 @@ from torch import nn
 
 from tinylllite.lllite import (LLLiteLinear, LLLiteModule, depth_for_factor, embed_together, image_reduction,
                                kohya_hyperparameters, to_kohya_range)
-from tinylllite.naming import diffusers_to_ldm
-from tinylllite.state_dicts import save_state_dict
+from tinylllite.sd.naming import diffusers_to_ldm
+from tinylllite.files.state_dicts import save_state_dict
 
 TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn2.to_q")  # per transformer block
 KOHYA_MAX_DEPTH = 3  # kohya and the loaders built on it define depths 1-3

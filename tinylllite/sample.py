@@ -35,9 +35,9 @@ from diffusers import DDIMScheduler, UniPCMultistepScheduler
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from tinylllite.base import StableDiffusionBase
+from tinylllite.sd.base import StableDiffusionBase
 from tinylllite.control_branch import conditioned, control_kind, guess_mode_scales, unet_prediction
-from tinylllite.datasets import IMAGE_EXTENSIONS
+from tinylllite.data.datasets import IMAGE_EXTENSIONS
 from tinylllite.errors import InputError, run_command
 from tinylllite.hint import check_hint
 
@@ -256,10 +256,10 @@ def synthesize_dataset(base: StableDiffusionBase, prompts: list[str], out_dir, n
 def load_base_or_tiny(path: str) -> StableDiffusionBase:
     """"tiny" = the tiny SD shipped with the package; anything else goes to sd_loading.load_base (offline)."""
     if path == "tiny":
-        from tinylllite.tiny_sd import load_tiny_sd
+        from tinylllite.sd.tiny_sd import load_tiny_sd
 
         return load_tiny_sd()
-    from tinylllite.sd_loading import load_base
+    from tinylllite.files.sd_loading import load_base
 
     return load_base(path)
 
@@ -336,7 +336,7 @@ def main(argv=None) -> None:
     base = load_base_or_tiny(args.base)
     control = None
     if args.control:
-        from tinylllite.checkpoint import load_control
+        from tinylllite.files.checkpoint import load_control
 
         control = load_control(base, args.control)
     images = sample(base, prompts, control, hint, strength=args.strength, guess_mode=args.guess_mode,

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from tinylllite import control_branch, nan_guard
-from tinylllite.base import StableDiffusionBase
+from tinylllite.sd.base import StableDiffusionBase
 from tinylllite.control_branch import unet_prediction
 
 # torch's fused AdamW: the same update up to float rounding, in one pass over all tensors. On the 2-core CPU

@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from tinylllite.base import StableDiffusionBase
+from tinylllite.sd.base import StableDiffusionBase
 from tinylllite.control_branch import branch_state_dict, load_branch_state_dict
-from tinylllite.control_io import load_any_control
+from tinylllite.files.control_io import load_any_control
 from tinylllite.errors import InputError
-from tinylllite.state_dicts import atomic_folder, open_state_dict, save_state_dict
+from tinylllite.files.state_dicts import atomic_folder, open_state_dict, save_state_dict
 
 
 class CheckpointWriteError(InputError, OSError):

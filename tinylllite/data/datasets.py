@@ -8,7 +8,7 @@ encodes) and `hint` in [0, 1] (what the hint encoder reads). Three ways to list 
   paths relative to the file's folder), e.g. `training/fill50k/prompt.json`;
 - kohya's folder convention (sd-scripts, ControlNet-LLLite guide): `image_dir/x.png`, its caption
   `image_dir/x.txt`, its condition `conditioning_data_dir/x.<any image extension>`;
-- a kohya dataset `.toml` (see `tinylllite.kohya_toml`).
+- a kohya dataset `.toml` (see `tinylllite.data.kohya_toml`).
 
 Additions to the original, all off by default: resize + centre-crop (image and hint together), a
 horizontal flip (both together), prompt dropout (the paper's 50% is `prompt_dropout=0.5`), CHW

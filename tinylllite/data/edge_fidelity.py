@@ -12,7 +12,7 @@ Left out: other detectors (HED, depth); the hint is taken as given, white edges 
 """
 import numpy as np
 
-from tinylllite.canny import canny
+from tinylllite.data.canny import canny
 
 
 def dilate(mask: np.ndarray, radius: int) -> np.ndarray:

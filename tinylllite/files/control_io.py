@@ -21,15 +21,15 @@ import re
 import torch
 from diffusers import ControlNetModel
 
-from tinylllite import ldm_format as lf
+from tinylllite.files import ldm_format as lf
 from tinylllite.control_branch import branch_state_dict, control_kind, load_branch_state_dict
 from tinylllite.controlnet import ControlNet
 from tinylllite.errors import InputError
-from tinylllite.identify import (KIND_NAMES, META, FileInfo, family_of_width, identify,
+from tinylllite.files.identify import (KIND_NAMES, META, FileInfo, family_of_width, identify,
                                  ldm_control_tensors, refuse_other_family)
 from tinylllite.lllite_unet import attach_lllite_from_kohya
-from tinylllite.sd_loading import family_config
-from tinylllite.state_dicts import atomic_folder, refuse_existing, save_state_dict, tensor_shapes
+from tinylllite.files.sd_loading import family_config
+from tinylllite.files.state_dicts import atomic_folder, refuse_existing, save_state_dict, tensor_shapes
 
 CONTROLNET_HINT_RANGE = "0..1 RGB"  # what ControlNet's hint encoder reads (cldm.py's hint is image / 255)
 LLLITE_HINT_RANGE = "-1..1 RGB inside the module (tinylllite's set_conditioning takes 0..1 and maps it)"

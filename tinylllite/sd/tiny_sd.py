@@ -2,7 +2,7 @@
 
 Nobody can download SD1.5 on a laptop without a GPU, so the project trains its own base
 (`scripts/pretrain_tiny_sd.py`) on the Fill50K world at 64 px and commits the weights in diffusers'
-layout under `tinylllite/tiny_sd_weights/{vae,unet,text_encoder}/`. It knows "<colour> circle with
+layout under `tinylllite/sd/tiny_sd_weights/{vae,unet,text_encoder}/`. It knows "<colour> circle with
 <colour> background" but, trained on random positions, not where the circle goes: that is the
 control branch's job (`tutorial_train.py`).
 
@@ -26,8 +26,8 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from tinylllite.base import SD_NOISE_SCHEDULE, StableDiffusionBase
-from tinylllite.tokenizer import clip_tokenizer
+from tinylllite.sd.base import SD_NOISE_SCHEDULE, StableDiffusionBase
+from tinylllite.sd.tokenizer import clip_tokenizer
 
 TINY_IMAGE_SIZE = 64  # Fill50K is rendered at 64 x 64 px for the tiny world
 WEIGHTS_DIR = Path(__file__).parent / "tiny_sd_weights"
@@ -57,7 +57,7 @@ UNET_CONFIG = dict(
 )
 
 TEXT_ENCODER_CONFIG = dict(
-    vocab_size=49408,  # the real CLIP vocabulary (tinylllite.tokenizer)
+    vocab_size=49408,  # the real CLIP vocabulary (tinylllite.sd.tokenizer)
     hidden_size=TEXT_WIDTH,
     intermediate_size=4 * TEXT_WIDTH,
     num_hidden_layers=2,

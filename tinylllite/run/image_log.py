@@ -102,7 +102,7 @@ def log_pairs_grid(base, control, prompts: list[str], hints: np.ndarray, path: P
 def evaluate_fidelity(base, control, pairs, steps: int = 20, cfg: float = 9.0, sampler: str = "ddim",
                       batch_size: int = 16, seed: int = 0) -> dict:
     """Mean disc IoU and colour error of `sample` outputs against the pairs' outlines and prompts (Fill50K)."""
-    from tinylllite.fidelity import fill50k_fidelity
+    from tinylllite.data.fidelity import fill50k_fidelity
 
     scores = []
     for start in range(0, len(pairs), batch_size):
@@ -240,7 +240,7 @@ class RunLog:
 
     def evaluate(self, step: int) -> None:
         """Fidelity on held-out pairs with the same `sample` as deployment, under the run's autocast."""
-        from tinylllite.edge_fidelity import evaluate_edge_f1
+        from tinylllite.data.edge_fidelity import evaluate_edge_f1
 
         started, s = time.time(), self.s
         with torch.no_grad(), autocast(self.base.device, s["mixed_precision"]):

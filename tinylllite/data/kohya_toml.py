@@ -28,7 +28,7 @@ from pathlib import Path
 
 from torch.utils.data import ConcatDataset
 
-from tinylllite.datasets import (VAE_SCALE_FACTOR, Fill50KDataset, PairedDataset, PairedFolderDataset, check_size,
+from tinylllite.data.datasets import (VAE_SCALE_FACTOR, Fill50KDataset, PairedDataset, PairedFolderDataset, check_size,
                                  read_folder_pairs, read_utf8)
 from tinylllite.errors import InputError
 

@@ -11,7 +11,7 @@ An original Stable Diffusion file is one flat dict with a prefix per part (Contr
     conditioner.embedders.1.model.*                 OpenCLIP bigG (SDXL)         -> CLIPTextModelWithProjection
 
 Every map here is built from the diffusers parameter names of a model (or of a model built on the meta
-device from its config), never from a table of layer indices: `tinylllite.naming` counts the UNet's
+device from its config), never from a table of layer indices: `tinylllite.sd.naming` counts the UNet's
 layers, this file adds the three parts `cldm.py` gives a ControlNet beyond the copied encoder
 (`input_hint_block`, `zero_convs`, `middle_block_out`), the VAE and the text encoders. The SD1.5 maps
 equal the keymap checked against diffusers' own converters (tests/test_ldm_format.py), tensor for tensor.
@@ -29,7 +29,7 @@ import re
 import torch
 from diffusers import ControlNetModel
 
-from tinylllite.naming import diffusers_to_ldm
+from tinylllite.sd.naming import diffusers_to_ldm
 
 UNET_PREFIX = "model.diffusion_model."
 CONTROL_PREFIX = "control_model."

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tinylllite.base import StableDiffusionBase
+from tinylllite.sd.base import StableDiffusionBase
 from tinylllite.errors import InputError
 
 
@@ -49,14 +49,14 @@ def notebook_setup(sd15_path=None, device: str = "cpu") -> NotebookSetup:
     """The base, device and image size a notebook runs with (see the module docstring)."""
     device = check_device(device)
     if sd15_path is None:
-        from tinylllite.tiny_sd import load_tiny_sd
+        from tinylllite.sd.tiny_sd import load_tiny_sd
 
         base, tiny = load_tiny_sd(), True
     else:
         if device.type != "cuda":
             raise InputError(f"SD15_PATH = {str(sd15_path)!r} needs DEVICE = 'cuda': SD1.5 on a CPU takes minutes "
                              f"per image; set SD15_PATH = None to run the tiny SD on the CPU")
-        from tinylllite.sd_loading import load_base
+        from tinylllite.files.sd_loading import load_base
 
         base, tiny = load_base(sd15_path), False
         if base.family != "sd1":

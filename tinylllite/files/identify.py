@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 from diffusers import ControlNetModel
 
-from tinylllite import ldm_format as lf
+from tinylllite.files import ldm_format as lf
 from tinylllite.errors import InputError
-from tinylllite.state_dicts import file_metadata, open_state_dict, tensor_shapes
+from tinylllite.files.state_dicts import file_metadata, open_state_dict, tensor_shapes
 
 META = "tinylllite."  # prefix of this project's metadata keys
 LLLITE_PREFIX = "lllite_unet_"

@@ -7,7 +7,7 @@
 What the original ControlNet code does with `torch.load` + an OmegaConf yaml + a hub download of the
 CLIP weights, this file does from the weights alone: the family comes from the width of the UNet's
 cross-attention (768 SD1, 1024 SD2, 2048 SDXL; `identify.py`), the architecture from the
-configs shipped in `tinylllite/configs/`, the tokenizer from `tinylllite.tokenizer`. Nothing is downloaded.
+configs shipped in `tinylllite/sd/configs/`, the tokenizer from `tinylllite.sd.tokenizer`. Nothing is downloaded.
 
 Memory stays near the file size: modules are built on the meta device (no random init, no memory),
 `.ckpt` files are memory-mapped (`torch.load(mmap=True, weights_only=True)`: pickles never run code),
@@ -33,14 +33,14 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from tinylllite import ldm_format as lf
-from tinylllite.base import StableDiffusionBase
+from tinylllite.files import ldm_format as lf
+from tinylllite.sd.base import StableDiffusionBase
 from tinylllite.errors import InputError
-from tinylllite.identify import FAMILY_NAMES, identify, unet_family
-from tinylllite.state_dicts import open_state_dict, tensor_shapes  # noqa: F401 (open_state_dict: tutorial_train.py)
-from tinylllite.tokenizer import clip_tokenizer
+from tinylllite.files.identify import FAMILY_NAMES, identify, unet_family
+from tinylllite.files.state_dicts import open_state_dict, tensor_shapes  # noqa: F401 (open_state_dict: tutorial_train.py)
+from tinylllite.sd.tokenizer import clip_tokenizer
 
-CONFIG_DIR = Path(__file__).parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "sd" / "configs"
 
 
 @lru_cache(maxsize=None)

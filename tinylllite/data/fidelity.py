@@ -24,7 +24,7 @@ import re
 import numpy as np
 
 from tinylllite.errors import InputError
-from tinylllite.fill50k import COLOURS, Fill50KPair, make_pair
+from tinylllite.data.fill50k import COLOURS, Fill50KPair, make_pair
 
 MIN_COLOUR_DISTANCE = 60.0  # RGB 0-255; closer circle/background colours are left out of evaluation
 EVALUATION_SEED = 1_000_003  # held out: training sets are drawn with other seeds (default 0)
@@ -41,7 +41,7 @@ def prompt_colours(prompt: str) -> tuple[np.ndarray, np.ndarray]:
     unknown = [name for name in match.groups() if name not in COLOURS]
     if unknown:
         raise InputError(f"prompt {prompt!r}: unknown colour name(s) {unknown}; "
-                         "see tinylllite.fill50k.COLOURS")
+                         "see tinylllite.data.fill50k.COLOURS")
     return tuple(np.array(COLOURS[name], np.float64) for name in match.groups())
 
 

@@ -25,8 +25,8 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
-from tinylllite.base import StableDiffusionBase
-from tinylllite.state_dicts import atomic_folder, open_state_dict, save_state_dict
+from tinylllite.sd.base import StableDiffusionBase
+from tinylllite.files.state_dicts import atomic_folder, open_state_dict, save_state_dict
 
 TIMESTEP_SAMPLING = ("uniform", "cubic")
 

@@ -1,0 +1,1 @@
+"""Data: Fill50K, paired image folders, kohya's dataset .toml, dataset checks, Canny edges, fidelity metrics."""

@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import tutorial_train  # noqa: E402,F401  (re-exported, like the names below, for the benchmarks)
-from tinylllite import control_branch, nan_guard, training  # noqa: E402,F401
+from tinylllite import control_branch, hint, training  # noqa: E402,F401
 from tinylllite.sd.base import StableDiffusionBase  # noqa: E402
 from tinylllite.controlnet import ControlNet  # noqa: E402,F401
 from tinylllite.data.datasets import Fill50KDataset  # noqa: E402,F401
@@ -106,7 +106,7 @@ def image_size(base: StableDiffusionBase) -> int:
 def lllite_copy(base: StableDiffusionBase, shape: str):
     """(a base whose UNet is a copy with LLLite attached, the LLLite): the original UNet stays plain."""
     unet = copy.deepcopy(base.unet)
-    lllite = attach_lllite(unet, blocks=LLLITE_BLOCKS[shape], vae_factor=base.vae_scale_factor)
+    lllite = attach_lllite(unet, blocks=LLLITE_BLOCKS[shape], vae_scale_factor=base.vae_scale_factor)
     return dataclasses.replace(base, unet=unet), lllite
 
 

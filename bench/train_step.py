@@ -3,13 +3,18 @@
 Three implementations share one frozen base (in the run's half precision on a GPU, as both trainers
 keep it) and the same in-memory batch:
 
-- `tinylllite`: the body of `tutorial_train.py`'s loop: `training.diffusion_loss` under
-  `training.autocast`, the NaN checks of `nan_guard`, gradient clipping at 1.0, torch's AdamW from
+- `tinylllite`: the body of `tutorial_train.py`'s loop: `training.TrainingLoss` under
+  `training.autocast`, the on-device NaN checks of `training.FiniteCheck` (read every 10 steps, as the
+  loop reads them with its log line), gradient clipping at 1.0, torch's AdamW from
   `training.make_optimizer`;
 - `diffusers`: the body of diffusers' `examples/controlnet/train_controlnet.py` loop:
   `ControlNetModel.from_unet`, the ControlNet under autocast (what `accelerator.prepare` adds), the
   UNet in the frozen dtype, `clip_grad_norm_(1.0)`, torch's AdamW, eager, NCHW;
 - `lllite`: tinylllite's step with ControlNet-LLLite attached to a copy of the UNet.
+- `tinylllite-compiled`, `lllite-compiled`: the same steps with the loss through `torch.compile`
+  (`--compile-mode`), as `tutorial_train.py --compile` runs it. The first step, which compiles, is
+  reported apart (`first_step_seconds`, and under `compile`: the compile time, eager/compiled step
+  ratios and the steps after which compiling has paid for itself).
 
 The implementations alternate `--rounds` times in one process (a busy machine slows all of them
 alike); each round runs `--warmup` untimed then `--steps` timed steps. Reported: median step time, the
@@ -19,6 +24,7 @@ TFLOP/s against a bf16 matmul measured in the same process).
 
     python bench/train_step.py --threads 1 --out bench/results/cpu_train_step.json
     python bench/train_step.py --device cuda --shape sd15 --precision bf16 --batch 4
+    python bench/train_step.py --impls tinylllite,tinylllite-compiled --batch 16 --out bench/results/cpu_compile.json
 """
 import argparse
 import time
@@ -29,11 +35,12 @@ from diffusers import ControlNetModel
 from torch.utils.flop_counter import FlopCounterMode
 
 import common
-from common import control_branch, nan_guard, training
+from common import control_branch, hint, training
 
-IMPLEMENTATIONS = ("tinylllite", "diffusers", "lllite")
+IMPLEMENTATIONS = ("tinylllite", "diffusers", "lllite", "tinylllite-compiled", "lllite-compiled")
 LEARNING_RATE = 1e-5  # the original's; the speed does not depend on it
 MAX_GRAD_NORM = 1.0  # diffusers' default; tinylllite's --max-grad-norm 1.0
+LOG_EVERY = 10  # tutorial_train.py's default: the loss and NaN flags are read once per 10 steps
 
 
 class Implementation:
@@ -59,14 +66,23 @@ def tinylllite_implementation(name, base, control, batch, args, device) -> Imple
     scaler = training.grad_scaler(device, args.precision)
     scheduler = training.training_scheduler(base)
 
+    loss_fn = training.TrainingLoss(base, control, scheduler, params)
+    if name.endswith("-compiled"):  # what `tutorial_train.py --compile` runs
+        loss_fn = torch.compile(loss_fn, mode=args.compile_mode)
+    finite, steps = training.FiniteCheck(named, device), [0]
+
     def step():
         optimizer.zero_grad(set_to_none=True)
-        with training.autocast(device, args.precision):
-            loss = training.diffusion_loss(base, control, scheduler, batch)
-        nan_guard.check_loss(loss, 0)
+        with training.autocast(device, args.precision), hint.checked_on_host():
+            loss = loss_fn(batch)
+        finite.add_loss(loss)
         (scaler.scale(loss) if scaler else loss).backward()
-        training.optimizer_step(optimizer, scaler, named, MAX_GRAD_NORM, 0)  # NaN check, clipping, AdamW
-        loss.item()  # the progress bar's loss
+        training.optimizer_step(optimizer, scaler, params, MAX_GRAD_NORM, finite)  # NaN flags, clipping, AdamW
+        finite.next_step()
+        steps[0] += 1
+        if steps[0] % LOG_EVERY == 0:  # the log line: the loss and the NaN flags come back together
+            loss.item()
+            finite.read(scaler)
     return Implementation(name, step, params)
 
 
@@ -109,16 +125,18 @@ def diffusers_implementation(base, controlnet: ControlNetModel, batch, args, dev
 def build_implementations(base, batch, args, device, names) -> dict[str, Implementation]:
     """The requested implementations on one base; branches are built before the base goes to half precision."""
     branches = {}
-    if "tinylllite" in names:
-        branches["tinylllite"] = common.ControlNet.from_unet(base.unet, vae_scale_factor=base.vae_scale_factor)
+    for name in ("tinylllite", "tinylllite-compiled"):
+        if name in names:
+            branches[name] = common.ControlNet.from_unet(base.unet, vae_scale_factor=base.vae_scale_factor)
     if "diffusers" in names:
         with device:  # initialised where it runs
             branches["diffusers"] = ControlNetModel.from_unet(base.unet)
-    if "lllite" in names:
-        branches["lllite"] = common.lllite_copy(base, args.shape)
+    for name in ("lllite", "lllite-compiled"):
+        if name in names:
+            branches[name] = common.lllite_copy(base, args.shape)
     impls = {}
     for name in names:
-        if name == "tinylllite":
+        if name in ("tinylllite", "tinylllite-compiled"):
             impls[name] = tinylllite_implementation(name, base, branches[name], batch, args, device)
         elif name == "diffusers":
             base.unet.requires_grad_(False)
@@ -127,23 +145,20 @@ def build_implementations(base, batch, args, device, names) -> dict[str, Impleme
             lllite_base, lllite = branches[name]
             impls[name] = tinylllite_implementation(name, lllite_base, lllite, batch, args, device)
     if device.type == "cuda":  # tutorial_train.py's rule: frozen weights in the run's half precision
-        for frozen in [base] + ([branches["lllite"][0]] if "lllite" in branches else []):
+        for frozen in [base] + [b[0] for b in branches.values() if isinstance(b, tuple)]:
             training.cast_frozen_weights_to_half(frozen, args.precision)
     apply_levers(base, branches, args, batch)
     return impls
 
 
 def apply_levers(base, branches, args, batch) -> None:
-    """--channels-last and --compile act on every network of the run (the frozen UNet is shared)."""
+    """--channels-last acts on every network of the run (the frozen UNet is shared)."""
     modules = [base.unet, *(b[0].unet if isinstance(b, tuple) else b for b in branches.values())]
     if args.channels_last:
         for module in modules:
             module.to(memory_format=torch.channels_last)
         for key in ("latents", "noise", "hint"):
             batch[key] = batch[key].contiguous(memory_format=torch.channels_last)
-    if args.compile:
-        for module in modules:
-            module.compile()
 
 
 def count_flops(impl: Implementation) -> int:
@@ -167,16 +182,27 @@ def measure(impls: dict[str, Implementation], args, device) -> dict[str, dict]:
     """Alternate the implementations; per implementation: every timed step and the peak memory."""
     times = {name: [] for name in impls}
     peaks = {name: 0.0 for name in impls}
+    first = {}  # the very first step of each: a compiled one compiles there
     for _ in range(args.rounds):
         for name, impl in impls.items():
+            if name not in first:
+                first[name] = common.timed(impl.step, device)
             for _ in range(args.warmup):
                 impl.step()
             common.synchronize(device)
             common.reset_peak_memory(device)
             times[name] += [common.timed(impl.step, device) for _ in range(args.steps)]
             peaks[name] = max(peaks[name], common.peak_memory_mib(device))
-    return {name: dict(common.summary(times[name]), peak_memory_mib=peaks[name],
+    return {name: dict(common.summary(times[name]), first_step_seconds=round(first[name], 2), peak_memory_mib=peaks[name],
                        trainable_parameters=common.count_parameters(impls[name].params)) for name in impls}
+
+
+def break_even(compiled: dict, eager: dict) -> int | None:
+    """Steps after which the compiled step has paid for its compilation (None if it is not faster)."""
+    saved_ms = eager["median_ms"] - compiled["median_ms"]
+    if saved_ms <= 0:
+        return None
+    return round((compiled["first_step_seconds"] * 1000 - compiled["median_ms"]) / saved_ms)
 
 
 def parse_args(argv=None):
@@ -187,7 +213,8 @@ def parse_args(argv=None):
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--fused-adamw", action="store_true", help="lever: fused AdamW for tinylllite's optimizers")
     parser.add_argument("--channels-last", action="store_true", help="lever: channels-last networks and inputs")
-    parser.add_argument("--compile", action="store_true", help="lever: torch.compile every network")
+    parser.add_argument("--compile-mode", default=None, help="torch.compile mode of the *-compiled implementations "
+                        "(default, max-autotune-no-cudagraphs, reduce-overhead)")
     parser.add_argument("--no-flops", action="store_true", help="skip counting the FLOPs of one step")
     return parser.parse_args(argv)
 
@@ -202,7 +229,8 @@ def main(argv=None) -> dict:
     base = common.build_base(args.shape, device)
     batch = common.random_batch(base, args.batch, device, args.seed)
     impls = build_implementations(base, batch, args, device, names)
-    flops = {} if args.no_flops or args.compile else {name: count_flops(impl) for name, impl in impls.items()}
+    flops = {} if args.no_flops else {name: count_flops(impl) for name, impl in impls.items()
+                                      if not name.endswith("-compiled")}
     results = measure(impls, args, device)
     for name, flop in flops.items():
         results[name]["flops_per_step"] = flop
@@ -210,6 +238,14 @@ def main(argv=None) -> dict:
         results[name]["achieved_tflops"] = round(flop / (results[name]["median_ms"] / 1000) / 1e12, 3)
     result = dict(benchmark="train_step", **common.environment(device, args),
                   image_size=common.image_size(base), implementations=results)
+    for name in ("tinylllite", "lllite"):  # what compiling costs up front, and what it gains per step
+        if f"{name}-compiled" in results and name in results:
+            compiled, eager = results[f"{name}-compiled"], results[name]
+            result.setdefault("compile", {})[name] = dict(
+                compile_seconds=round(compiled["first_step_seconds"] - compiled["median_ms"] / 1000, 1),
+                eager_over_compiled_median=round(eager["median_ms"] / compiled["median_ms"], 3),
+                eager_over_compiled_fastest=round(eager["min_ms"] / compiled["min_ms"], 3),
+                break_even_steps=break_even(compiled, eager))
     if "tinylllite" in results:
         ours = results["tinylllite"]["median_ms"]
         result["ratios"] = {f"{name}/tinylllite": round(r["median_ms"] / ours, 3)

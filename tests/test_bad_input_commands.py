@@ -19,7 +19,7 @@ from PIL import Image
 from test_tool_add_control import tiny_ldm_checkpoint
 from test_training import tiny_fill50k
 
-from tinylllite.files.control_io import save_controlnet
+from tinylllite.files.control_io import save_controlnet, save_lllite
 from tinylllite.controlnet import ControlNet
 from tinylllite.lllite_unet import attach_lllite
 from tinylllite.sd.tiny_sd import load_tiny_sd
@@ -37,7 +37,8 @@ def folder(tmp_path_factory) -> Path:
     tiny_fill50k(d / "data")
     base = load_tiny_sd()
     save_controlnet(ControlNet.from_unet(base.unet), base.unet, d / "controlnet.safetensors")
-    attach_lllite(load_tiny_sd().unet).save_kohya(d / "lllite.safetensors")
+    tiny_unet = load_tiny_sd().unet
+    save_lllite(attach_lllite(tiny_unet), tiny_unet, d / "lllite.safetensors")
     whole = (d / "controlnet.safetensors").read_bytes()
     (d / "truncated.safetensors").write_bytes(whole[: len(whole) // 2])
     (d / "random.ckpt").write_bytes(np.random.default_rng(0).bytes(4096))

@@ -54,7 +54,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
                                metadata=branch_metadata(base, control))
     lllite_base = tiny_base()
     lllite = randomised(attach_lllite(lllite_base.unet))
-    lllite.save_kohya(d / "kohya.safetensors")
+    save_state_dict(lllite.kohya_state_dict(), d / "kohya.safetensors")  # as kohya writes it: no metadata
     checkpoint.save_checkpoint(d / "lllite_run", 5, checkpoint.trainable_weights(lllite_base, lllite), {"step": 5},
                                metadata=branch_metadata(lllite_base, lllite))
     torch.save(tiny_ldm_checkpoint(False), d / "sd.ckpt")

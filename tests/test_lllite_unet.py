@@ -10,6 +10,7 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 from tiny_models import tiny_sd15_unet_config, tiny_sdxl_unet_config, tiny_unet
 
+from tinylllite.files.control_io import save_lllite
 from tinylllite.lllite import image_reduction
 from tinylllite.lllite_unet import (LLLiteLinear, attach_lllite, attach_lllite_from_kohya, attention_blocks,
                                     detach_lllite, set_trainable, unet_base_state_dict)
@@ -193,14 +194,14 @@ def test_sd15_default_is_input_blocks_only_named_by_the_same_rule():
 
 
 def test_kohya_file_round_trip_gives_identical_outputs(tmp_path):
-    """save_kohya -> load_file -> attach_lllite_from_kohya on a fresh UNet reproduces the output exactly."""
+    """save_lllite -> load_file -> attach_lllite_from_kohya on a fresh UNet reproduces the output exactly."""
     config = tiny_sdxl_unet_config()
     unet, inputs, image = tiny_unet(config), unet_inputs(config), torch.rand(2, 3, 64, 64)
     lllite = attach_lllite(unet, cond_emb_dim=8, mlp_dim=16, blocks={"input", "output"})
     randomise_up(lllite)
     with lllite.conditioned(image):
         expected = run(unet, inputs)
-    lllite.save_kohya(str(tmp_path / "lllite.safetensors"))
+    save_lllite(lllite, unet, tmp_path / "lllite.safetensors")
 
     fresh_unet = tiny_unet(config)
     loaded = attach_lllite_from_kohya(fresh_unet, load_file(tmp_path / "lllite.safetensors"))

@@ -282,7 +282,7 @@ def test_the_image_log_writes_the_original_panels_and_metrics_plot(base, tmp_pat
     paths = log_training_panels(base, trained_like_controlnet, items, 300, tmp_path, steps=2)
     assert [p.name for p in paths] == ["control_gs-000300.png", "reconstruction_gs-000300.png",
                                        "conditioning_gs-000300.png", "samples_cfg_scale_9.00_gs-000300.png"]
-    assert Image.open(paths[-1]).size == (2 * SIZE + 2, SIZE)
+    assert Image.open(paths[-1]).size == (3 * SIZE + 4, SIZE)  # a label panel, then the two samples
     metrics = MetricsLog(tmp_path)
     for step in (1, 2, 3):
         metrics.write(step=step, loss=1.0 / step, lr=1e-5)

@@ -9,7 +9,7 @@ import torch
 from tiny_models import tiny_base
 
 import tutorial_train
-from tinylllite import nan_guard, training
+from tinylllite import training
 from tinylllite.run import batches
 from tinylllite.errors import InputError
 from tinylllite.data.fill50k import write_fill50k
@@ -142,19 +142,38 @@ def test_lllite_trains_its_modules_and_refuses_controlnet_only_switches(data, tm
 
 
 def test_nan_loss_stops_training_naming_the_loss_and_what_to_try(data, tmp_path, monkeypatch):
-    """A NaN loss raises NonFiniteError saying where (forward pass, step) and what to try."""
+    """A NaN loss raises NonFiniteError at the next log line, saying where (forward pass, step) and what to try."""
     real = training.diffusion_loss
     monkeypatch.setattr(training, "diffusion_loss", lambda *a, **k: real(*a, **k) * float("nan"))
-    with pytest.raises(nan_guard.NonFiniteError, match=r"loss is nan at optimizer step 0 .*learning-rate"):
+    with pytest.raises(training.NonFiniteError, match=r"loss became NaN or inf at optimizer step 0 .*learning-rate"):
         train(data, tmp_path, "--max-steps", 1, "--batch-size", 2)
 
 
-def test_gradient_guard_names_the_module_with_the_bad_gradient():
-    """check_gradients names the first parameter whose gradient holds inf."""
+def test_a_nan_found_at_the_log_line_leaves_no_checkpoint_of_nan_weights(data, tmp_path, monkeypatch):
+    """A loss that turns NaN at step 2 of 4 stops the run at the step-4 log line before any checkpoint is written."""
+    real, calls = training.diffusion_loss, []
+
+    def nan_from_step_2(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs) * (float("nan") if len(calls) >= 3 else 1.0)
+
+    monkeypatch.setattr(training, "diffusion_loss", nan_from_step_2)
+    with pytest.raises(training.NonFiniteError, match=r"optimizer step 2 "):
+        train(data, tmp_path / "run", "--max-steps", 4, "--batch-size", 2, "--log-every", 4, "--checkpoint-every", 4)
+    assert len(calls) == 4  # steps 3 and 4 ran without waiting for the device, and the check came with the log line
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_the_gradient_check_names_the_parameter_whose_gradient_is_not_finite():
+    """FiniteCheck keeps per-parameter flags on the device and names the parameter with an inf gradient on read."""
     good, bad = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
     good.grad, bad.grad = torch.zeros(2), torch.tensor([0.0, float("inf"), 1.0])
-    with pytest.raises(nan_guard.NonFiniteError, match=r"inf in the gradient of controlnet\.mid \(3,\) at optimizer step 7"):
-        nan_guard.check_gradients([("controlnet.ok", good), ("controlnet.mid", bad)], 7)
+    check = training.FiniteCheck([("controlnet.ok", good), ("controlnet.mid", bad)], torch.device("cpu"))
+    for _ in range(7):
+        check.next_step()
+    check.add_gradients([good, bad])
+    with pytest.raises(training.NonFiniteError, match=r"gradient of controlnet\.mid at optimizer step 7"):
+        check.read()
 
 
 def test_min_snr_weights_clip_high_snr_timesteps_only():

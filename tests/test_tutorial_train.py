@@ -11,6 +11,7 @@ from tiny_models import tiny_base
 import tutorial_train
 from tinylllite.run import image_log, stopping
 from tinylllite.errors import InputError
+from tinylllite.files.control_io import save_lllite
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +145,22 @@ def test_the_summary_and_plot_mark_the_step_where_control_arrives(tmp_path):
     assert log.plot().is_file()
 
 
+def test_a_run_that_never_reaches_iou_0_5_gets_no_take_off_marker(tmp_path, monkeypatch):
+    """metrics.png draws the "IoU >= 0.5 at step N" line only for a run that got there."""
+    log = image_log.MetricsLog(tmp_path)
+    for step, iou in [(0, 0.27), (250, 0.41), (500, 0.49)]:
+        log.write(step=step, loss=0.1, fidelity_iou=iou)
+    lines = []
+    from matplotlib.axes import Axes
+
+    monkeypatch.setattr(Axes, "axvline", lambda self, *a, **k: lines.append(a))
+    assert log.take_off(log.events()) is None and "not yet >= 0.5" in log.summary()
+    assert log.plot().is_file() and lines == []
+    log.write(step=750, loss=0.1, fidelity_iou=0.6)
+    log.plot()
+    assert lines == [(750,)] * 2  # one line on each of the two panels (loss, IoU)
+
+
 def test_the_final_step_gets_an_image_log_even_between_intervals(data, tmp_path):
     """With --logger-freq 3 and 4 steps, images are written at steps 0, 3 and the last step, 4."""
     result = train(data, tmp_path / "run", "--max-steps", 4, "--batch-size", 2, "--logger-freq", 3)
@@ -210,10 +227,11 @@ def test_resume_path_starts_an_lllite_from_a_kohya_file(data, tmp_path):
     """--control lllite --resume-path takes kohya's lllite_unet_* file."""
     from tinylllite.lllite_unet import attach_lllite
 
-    lllite = attach_lllite(tiny_base().unet)
+    unet = tiny_base().unet
+    lllite = attach_lllite(unet)
     tensors = {k: torch.full_like(v, 0.25) if k.endswith("up.0.weight") else v for k, v in lllite.kohya_state_dict().items()}
     lllite.load_kohya_state_dict(tensors)
-    lllite.save_kohya(tmp_path / "kohya.safetensors")
+    save_lllite(lllite, unet, tmp_path / "kohya.safetensors")
     result = train(data, tmp_path / "run", "--max-steps", 1, "--batch-size", 2, "--control", "lllite",
                    "--resume-path", tmp_path / "kohya.safetensors")
     ups = [v for k, v in result["control"].kohya_state_dict().items() if k.endswith("up.0.weight")]
@@ -237,7 +255,8 @@ def test_resume_path_with_an_lllite_file_for_a_controlnet_is_refused_before_trai
     """A kohya LLLite file given to a ControlNet run stops with a sentence naming the file; no run folder."""
     from tinylllite.lllite_unet import attach_lllite
 
-    attach_lllite(tiny_base().unet).save_kohya(tmp_path / "kohya.safetensors")
+    other = tiny_base()
+    save_lllite(attach_lllite(other.unet), other.unet, tmp_path / "kohya.safetensors")
     with pytest.raises(InputError, match="kohya.safetensors"):
         train(data, tmp_path / "run", "--max-steps", 1, "--resume-path", tmp_path / "kohya.safetensors")
 

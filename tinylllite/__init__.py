@@ -3,35 +3,34 @@
 Each file holds one idea and reads top to bottom; import the one you need, e.g.
 `from tinylllite.controlnet import ControlNet` or `from tinylllite.lllite_unet import attach_lllite`.
 
-Reading order:
+Reading order. The top of the package is the lesson; the folders hold what it stands on.
 
-1. The two branches
-   hint.py            the hint encoder and the one check of a control image (RGB, [0, 1])
-   controlnet.py      ControlNet: the trainable encoder copy, zero convs, residuals into the UNet
-   lllite.py          one LLLite module and LLLiteLinear, y = W (x + Δ) + b
-   lllite_unet.py     LLLite modules placed in a diffusers UNet; kohya's file format
-   control_branch.py  the one switch between the two (training, sampling and checkpoints ask it)
-2. The base they control
-   base.py            StableDiffusionBase: UNet, VAE, text encoders, SD's noise schedule
-   tokenizer.py       the CLIP tokenizer, offline
-   tiny_sd.py         the tiny SD shipped with the package, trainable on a CPU
-3. Training and sampling (tutorial_train.py at the top of the repository is the loop)
-   training.py        the pieces of one training step: schedule, loss, optimizer step, gradient averaging
-   batches.py         samples -> batches: per-sample random draws, DataLoader workers, the latent cache
-   stopping.py        when a run stops: --max-steps, Ctrl-C, --max-minutes from the start of the process
-   sample.py          images from a base (+ branch): DDIM / UniPC, CFG, the control knobs
-   image_log.py       the image log, metrics and evaluations of a run
-   fidelity.py        Fill50K's disc IoU and colour error; edge_fidelity.py: edge F1 for Canny data
-   datasets.py, fill50k.py, canny.py, kohya_toml.py, dataset_check.py, nan_guard.py
-   notebook_setup.py  the notebooks' switch between the tiny SD on a CPU and your SD1.5 on a GPU
-4. Files on disk
-   state_dicts.py     opening and writing weight files, atomically; unreadable files refused
-   identify.py        what a file or folder holds: layout, branch or base, SD family
-   naming.py          diffusers UNet module paths in the original (LDM) names
-   ldm_format.py      state-dict names between the original single-file layout and diffusers
-   sd_loading.py      an SD base from an original file or a diffusers folder
-   control_io.py      any control file into a branch; the metadata this project writes
-   checkpoint.py      training checkpoints: save, resume, load
-   convert.py         `python -m tinylllite.convert`: between original, diffusers and kohya layouts
-   errors.py          how user mistakes are reported
+1. The two branches (the ideas)
+   hint.py             the hint encoder and the one check of a control image (RGB, [0, 1])
+   controlnet.py       ControlNet: the trainable encoder copy, zero convs, residuals into the UNet
+   lllite.py           one LLLite module and LLLiteLinear, y = W (x + delta) + b
+   lllite_unet.py      LLLite modules placed in a diffusers UNet; kohya's key names
+   control_branch.py   the one switch between the two (training, sampling and checkpoints ask it)
+2. Training and sampling (tutorial_train.py at the top of the repository is the loop)
+   training.py         one training step: schedule, loss, optimizer, the NaN guard that never waits for the GPU
+   sample.py           images from a base (+ branch): DDIM / UniPC, CFG, the control knobs
+   errors.py           how user mistakes are reported
+3. sd/      the Stable Diffusion being controlled
+   base.py (the four parts, prompt encoding, SD's noise schedule, the size rule), tokenizer.py (CLIP,
+   offline), naming.py (diffusers module paths in the original names), tiny_sd.py (the tiny SD), configs/,
+   tiny_sd_weights/, assets/
+4. files/   files on disk
+   atomic.py (temporary, then rename), state_dicts.py (open and write weight files), ldm_format.py
+   (original <-> diffusers names), identify.py (what a file holds), sd_loading.py (a base from a file or
+   folder), control_io.py (any control file into a branch; the metadata written), checkpoint.py (training
+   checkpoints), run_lock.py (one writer per run), convert.py (between layouts)
+5. data/    data and how well samples follow it
+   fill50k.py, datasets.py, kohya_toml.py, dataset_check.py, canny.py, fidelity.py (Fill50K's disc IoU),
+   edge_fidelity.py (edge F1)
+6. run/     a training run's machinery
+   options.py (the script's flags), batches.py (samples -> batches, the latent cache), stopping.py,
+   image_log.py (panels, evaluation, metrics), notebook_setup.py, memory.py (will a run fit a GPU?)
+
+Commands: `python -m tinylllite.sample`, `python -m tinylllite.convert`, `python -m tinylllite.dataset_check`,
+`python -m tinylllite.canny`, `python -m tinylllite.memory` (the last four are short names for the files above).
 """

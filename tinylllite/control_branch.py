@@ -23,8 +23,23 @@ from tinylllite.sd.base import StableDiffusionBase
 from tinylllite.controlnet import ControlNet, controlled_unet_forward
 from tinylllite.controlnet import guess_mode_scales as logspace_scales
 from tinylllite.controlnet import set_trainable as controlnet_set_trainable
-from tinylllite.lllite_unet import LLLite
+from tinylllite.lllite_unet import LLLite, attach_lllite
 from tinylllite.lllite_unet import set_trainable as lllite_set_trainable
+
+
+KINDS = ("controlnet", "lllite")
+
+
+def build(kind: str, base: StableDiffusionBase, cond_emb_dim: int = 32, mlp_dim: int = 64,
+          lllite_blocks: str | None = None):
+    """A fresh branch of `kind` on `base`: a ControlNet copied from its UNet's encoder, or LLLite modules attached
+    to the UNet ("input,middle,output" names the blocks; None = kohya's default set)."""
+    if kind == "controlnet":
+        return ControlNet.from_unet(base.unet, vae_scale_factor=base.vae_scale_factor)
+    if kind == "lllite":
+        blocks = set(lllite_blocks.split(",")) if lllite_blocks else None
+        return attach_lllite(base.unet, cond_emb_dim, mlp_dim, blocks, vae_scale_factor=base.vae_scale_factor)
+    raise ValueError(f"unknown control branch {kind!r}; one of {KINDS}")
 
 
 def control_kind(control) -> str | None:

@@ -19,7 +19,9 @@ one check of a control image in the package (ControlNet's encoder, LLLite's cond
 sampler all call it). Left out: diffusers' `bgr` channel-order option (hints here are always RGB).
 """
 
+import contextvars
 import math
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -60,14 +62,34 @@ def check_hint(hint: torch.Tensor, channels: int = 3, vae_scale_factor: int | No
             f"hint is {height}x{width} pixels; both sides must be multiples of the VAE factor {f} so that it "
             f"lands exactly on the latent grid (resize or crop it to {height // f * f}x{width // f * f})"
         )
-    if hint.is_meta or hint.numel() == 0 or torch.compiler.is_compiling():
+    if hint.is_meta or hint.numel() == 0 or torch.compiler.is_compiling() or _CHECKED_ON_HOST.get():
         return  # inside torch.compile the host read below would split the graph at every call
     low, high = torch.stack(torch.aminmax(hint.detach())).float().tolist()  # one device -> host read
+    check_hint_range(low, high)
+
+
+_CHECKED_ON_HOST = contextvars.ContextVar("hint_checked_on_host", default=False)
+
+
+@contextmanager
+def checked_on_host():
+    """`with checked_on_host():` the hints used inside had their values checked before they left the host
+    (`check_hint_range` on each training item), so `check_hint` checks only their shape there and makes the
+    GPU wait for no read-back. The training loop is the one user."""
+    token = _CHECKED_ON_HOST.set(True)
+    try:
+        yield
+    finally:
+        _CHECKED_ON_HOST.reset(token)
+
+
+def check_hint_range(low: float, high: float, where: str = "hint") -> None:
+    """Refuse hint values outside [0, 1] (up to resizing's overshoot), naming `where` they came from."""
     if math.isnan(low) or math.isnan(high):
-        raise InputError("hint holds NaN values; control images are RGB in [0, 1]: check how the hint was made")
+        raise InputError(f"{where} holds NaN values; control images are RGB in [0, 1]: check how the hint was made")
     if low < -RANGE_TOLERANCE or high > 1 + RANGE_TOLERANCE:
         raise InputError(
-            f"hint values lie in [{low:.3g}, {high:.3g}]; control images are RGB in [0, 1] "
+            f"{where} values lie in [{low:.3g}, {high:.3g}]; control images are RGB in [0, 1] "
             f"(divide uint8 images by 255; map [-1, 1] images with (x + 1) / 2)"
         )
 

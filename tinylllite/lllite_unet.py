@@ -30,7 +30,6 @@ from torch import nn
 from tinylllite.lllite import (LLLiteLinear, LLLiteModule, depth_for_factor, embed_together, image_reduction,
                                kohya_hyperparameters, to_kohya_range)
 from tinylllite.sd.naming import diffusers_to_ldm
-from tinylllite.files.state_dicts import save_state_dict
 
 TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn2.to_q")  # per transformer block
 KOHYA_MAX_DEPTH = 3  # kohya and the loaders built on it define depths 1-3
@@ -144,11 +143,6 @@ class LLLite(nn.ModuleDict):
         """`{"lllite_unet_<ldm path>.<param>": tensor}`: only LLLite tensors, as kohya saves them."""
         return dict(self.state_dict())
 
-    def save_kohya(self, path, dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None):
-        """Write a kohya-format .safetensors file, atomically (control_io.save_lllite adds this project's metadata)."""
-        tensors = {k: v if dtype is None else v.to(dtype) for k, v in self.state_dict().items()}
-        save_state_dict(tensors, path, metadata)
-
     def load_kohya_state_dict(self, state_dict: dict[str, torch.Tensor]):
         """Copy a kohya-format state dict in, strictly: every key present, no extra, every shape equal."""
         own = self.state_dict()
@@ -200,15 +194,12 @@ def _mismatch_report(lllite: LLLite, state_dict, missing, unexpected, wrong) -> 
 
 
 def attach_lllite(unet: nn.Module, cond_emb_dim: int = 32, mlp_dim: int = 64, blocks: set[str] | None = None,
-                  dropout: float = 0.0, vae_scale_factor: int = 8, dtype: torch.dtype | None = None, *,
-                  vae_factor: int | None = None) -> LLLite:
+                  dropout: float = 0.0, vae_scale_factor: int = 8, dtype: torch.dtype | None = None) -> LLLite:
     """Wrap the attention Linears of the chosen blocks ("input", "middle", "output"; None = kohya's default).
 
     New modules live on the wrapped layer's device (meta stays meta, e.g. for counting) and in `dtype`
     (None: the layer's; float32 on a half-precision UNet keeps the trained weights in full precision).
-    `vae_factor` is the former name of `vae_scale_factor`, still accepted.
     """
-    vae_scale_factor = vae_factor or vae_scale_factor
     if any(isinstance(m, LLLiteLinear) for m in unet.modules()):
         raise ValueError("this UNet already has LLLite attached: call detach_lllite(unet) first")
     found = attention_blocks(unet, vae_scale_factor)

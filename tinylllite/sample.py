@@ -23,9 +23,9 @@ beyond two.
 import argparse
 import itertools
 import math
-import os
 import re
-import shutil
+import warnings
+import functools
 from functools import partial
 from pathlib import Path
 
@@ -35,14 +35,15 @@ from diffusers import DDIMScheduler, UniPCMultistepScheduler
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from tinylllite.sd.base import StableDiffusionBase
 from tinylllite.control_branch import conditioned, control_kind, guess_mode_scales, unet_prediction
-from tinylllite.data.datasets import IMAGE_EXTENSIONS
+from tinylllite.data.datasets import IMAGE_EXTENSIONS, load_rgb
 from tinylllite.errors import InputError, run_command
+from tinylllite.files.atomic import atomic_file, atomic_folder, writable_folder
+from tinylllite.files.sd_loading import load_base_or_tiny
 from tinylllite.hint import check_hint
+from tinylllite.sd.base import StableDiffusionBase, check_image_size
 
 SAMPLERS = {"ddim": DDIMScheduler, "unipc": UniPCMultistepScheduler}
-MAX_SIZE_FACTOR = 2  # images over 2x the base's native side take minutes and come out as repeated tiles
 CAPTION_EXTENSION = ".txt"  # kohya's caption files, written beside synthesized images
 
 
@@ -63,7 +64,10 @@ def hint_tensor(hint, batch: int, device, dtype) -> torch.Tensor:
     if isinstance(hint, np.ndarray):
         if hint.dtype != np.uint8 or hint.shape[-1] != 3:
             raise InputError(f"a hint array must be uint8 (H, W, 3) or (B, H, W, 3) RGB; got {hint.dtype} {hint.shape}")
-        hint = torch.from_numpy(hint.reshape(-1, *hint.shape[-3:]).copy()).permute(0, 3, 1, 2).float() / 255  # (B, H, W, 3) -> (B, 3, H, W)
+        hint = torch.from_numpy(hint.reshape(-1, *hint.shape[-3:]).copy()).permute(0, 3, 1, 2)  # (B, H, W, 3) -> (B, 3, H, W)
+        # contiguous before the division, as diffusers' pipeline makes it: a permuted view picks another
+        # convolution kernel in the hint encoder, whose rounding differs in the last bit
+        hint = hint.contiguous().float() / 255
     check_hint(hint)
     if hint.shape[0] == 1:
         hint = hint.expand(batch, -1, -1, -1)
@@ -98,17 +102,6 @@ def check_knobs(prompts: list, steps: int, cfg: float, strength: float, control_
                          "control would never run: widen it (--control-start, --control-end) or raise --steps")
 
 
-def check_image_size(base: StableDiffusionBase, height: int, width: int, what: str) -> None:
-    """Sides must land on the latent grid and stay within MAX_SIZE_FACTOR x the base's native size."""
-    factor = base.vae_scale_factor
-    if height % factor or width % factor:
-        raise InputError(f"{what} is {height}x{width} pixels; both sides must be multiples of the VAE factor {factor}")
-    native = base.unet.config.sample_size * factor
-    if max(height, width) > MAX_SIZE_FACTOR * native:
-        raise InputError(f"{what} is {height}x{width} pixels, over {MAX_SIZE_FACTOR}x this base's native {native} px: "
-                         f"sampling would be slow and the image useless; resize it to {native}x{native}")
-
-
 def cfg_halves(tensors):
     """A tensor (2B, ...) stacked as [uncond; cond], or a dict of them (SDXL) or None -> (uncond half, cond half)."""
     if tensors is None:
@@ -130,8 +123,12 @@ def sample(base: StableDiffusionBase, prompts, control=None, hint=None, steps: i
            sampler: str = "ddim", strength: float = 1.0, guess_mode: bool = False, control_start: float = 0.0,
            control_end: float = 1.0, lllite_multiplier: float = 1.0, seed: int = 0, height: int | None = None,
            width: int | None = None, negative_prompt: str = "", eta: float = 0.0,
-           only_mid_control: bool = False) -> np.ndarray:
-    """Generate one image per prompt; returns uint8 (B, H, W, 3). Image i uses seed + i, whatever B is."""
+           only_mid_control: bool = False, compile: bool | str = False) -> np.ndarray:
+    """Generate one image per prompt; returns uint8 (B, H, W, 3). Image i uses seed + i, whatever B is.
+
+    compile: run the UNet (+ branch) through torch.compile (True: its default backend, or a backend's name);
+    the first call compiles, later calls of the same shapes reuse it.
+    """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     kind, unet = control_kind(control), base.unet
     if kind is not None and hint is None:
@@ -157,12 +154,18 @@ def sample(base: StableDiffusionBase, prompts, control=None, hint=None, steps: i
     noise = [torch.randn(latent_shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(len(prompts))]
     latents = torch.stack(noise).to(base.device, unet.dtype) * scheduler.init_noise_sigma  # (B, 4, h, w)
 
+    for text in dict.fromkeys([*prompts, negative_prompt]):
+        dropped = base.truncated_words(text)
+        if dropped:
+            warnings.warn(f"the prompt {text!r} is longer than CLIP's {base.tokenizer.model_max_length} tokens; "
+                          f"these words are cut off and have no effect: {dropped!r}", stacklevel=2)
     # Classifier-free guidance batches the negative prompt before the prompt: (2B, 77, D) = [uncond; cond]
     guided = cfg != 1.0
     hidden, pooled = base.encode_prompt([negative_prompt] * len(prompts) + prompts if guided else prompts)
     added = base.added_cond_kwargs(pooled, height, width)
     step_kwargs = {"eta": eta, "generator": torch.Generator().manual_seed(seed)} if sampler == "ddim" else {}
-    predict = partial(unet_prediction, base, control, scales=scales, only_mid_control=only_mid_control,
+    prediction = compiled_prediction("inductor" if compile is True else compile) if compile else unet_prediction
+    predict = partial(prediction, base, control, scales=scales, only_mid_control=only_mid_control,
                       lllite_multiplier=lllite_multiplier)
 
     with conditioned(control, hint) as step_hint:  # an LLLite embeds the hint once for all timesteps
@@ -190,8 +193,22 @@ def sample(base: StableDiffusionBase, prompts, control=None, hint=None, steps: i
     return to_uint8(vae.decode(latents.to(vae.dtype) / base.latent_scale).sample)
 
 
+@functools.cache
+def compiled_prediction(backend: str):
+    """`unet_prediction` through torch.compile, made once per backend so that every call shares its cache."""
+    return torch.compile(unet_prediction, backend=backend)
+
+
 def expand_wildcards(prompt: str) -> list[str]:
     """"a {red|blue} {cat|dog}" -> the 4 prompts of every combination, in reading order."""
+    depth = 0
+    for position, char in enumerate(prompt):
+        depth += {"{": 1, "}": -1}.get(char, 0)
+        if depth not in (0, 1):
+            raise InputError(f"prompt {prompt!r}: {'nested' if depth > 1 else 'unopened'} brace at character "
+                             f"{position + 1}; wildcards are {{a|b|c}}, one level deep")
+    if depth:
+        raise InputError(f"prompt {prompt!r}: a {{ wildcard is never closed; write {{a|b|c}} with its closing }}")
     parts = re.split(r"\{([^{}]*)\}", prompt)  # text, options, text, options, ..., text
     choices = [[p] if i % 2 == 0 else p.split("|") for i, p in enumerate(parts)]
     return ["".join(combo) for combo in itertools.product(*choices)]
@@ -201,9 +218,8 @@ def save_png_with_prompt(image: np.ndarray, path: Path, prompt: str) -> None:
     """Atomic PNG write with the prompt in the "prompt" text chunk (read back: Image.open(p).text["prompt"])."""
     info = PngInfo()
     info.add_text("prompt", prompt)
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
 
 
 def check_dataset_folder(folder: Path, overwrite: bool) -> None:
@@ -227,8 +243,9 @@ def synthesize_dataset(base: StableDiffusionBase, prompts: list[str], out_dir, n
     """Images from the base alone for every expanded prompt, n each: out_dir/{i}.png with the prompt in the PNG
     and in kohya's caption file out_dir/{i}.txt.
 
-    The set is built in `<out_dir>.partial` and takes out_dir's place only when complete, so a failure
-    leaves an earlier set as it was, and a replaced set leaves no stale image or caption behind.
+    The set is built in a temporary folder of this process's own beside out_dir
+    (`tinylllite.files.atomic`) and takes out_dir's place only when complete, so a failure leaves an
+    earlier set as it was, and a replaced set leaves no stale image or caption behind.
     """
     if n_per_prompt < 1 or batch_size < 1:
         raise InputError(f"n_per_prompt={n_per_prompt} (--n-per-prompt), batch_size={batch_size}: both must be 1 "
@@ -236,41 +253,15 @@ def synthesize_dataset(base: StableDiffusionBase, prompts: list[str], out_dir, n
     out_dir = Path(out_dir).absolute()
     check_dataset_folder(out_dir, overwrite)
     jobs = [p for prompt in prompts for p in expand_wildcards(prompt) for _ in range(n_per_prompt)]
-    partial_dir = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial_dir, ignore_errors=True)  # left by a killed run
-    partial_dir.mkdir(parents=True)
-    try:
+    # replace=True: checked above, an existing out_dir holds nothing but an earlier set's images and captions
+    with atomic_folder(out_dir, replace=True, durable=False) as partial_dir:
         for start in range(0, len(jobs), batch_size):
             batch = jobs[start:start + batch_size]
             images = sample(base, batch, seed=seed + start, **sample_kwargs)
             for offset, (image, prompt) in enumerate(zip(images, batch)):
                 save_png_with_prompt(image, partial_dir / f"{start + offset}.png", prompt)
                 (partial_dir / f"{start + offset}{CAPTION_EXTENSION}").write_text(prompt + "\n", encoding="utf-8")
-        shutil.rmtree(out_dir, ignore_errors=True)  # checked above: nothing but an earlier set's images and captions
-        os.replace(partial_dir, out_dir)
-    finally:
-        shutil.rmtree(partial_dir, ignore_errors=True)
     return [out_dir / f"{i}.png" for i in range(len(jobs))]
-
-
-def load_base_or_tiny(path: str) -> StableDiffusionBase:
-    """"tiny" = the tiny SD shipped with the package; anything else goes to sd_loading.load_base (offline)."""
-    if path == "tiny":
-        from tinylllite.sd.tiny_sd import load_tiny_sd
-
-        return load_tiny_sd()
-    from tinylllite.files.sd_loading import load_base
-
-    return load_base(path)
-
-
-def read_hint_image(path: str, flag: str = "--hint") -> np.ndarray:
-    """A control image file -> uint8 (H, W, 3) RGB; a missing or unreadable file is refused naming it and `flag`."""
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except (OSError, ValueError) as error:  # missing file, not an image, truncated image
-        raise InputError(f"{flag} {path} cannot be read as an image ({error}); give a PNG or JPG file") from None
 
 
 def output_paths(out: Path, count: int, overwrite: bool) -> list[Path]:
@@ -309,6 +300,7 @@ def main(argv=None) -> None:
     parser.add_argument("--control-end", type=float, default=1.0)
     parser.add_argument("--lllite-multiplier", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet and branch (pays on a GPU)")
     parser.add_argument("--height", type=int)
     parser.add_argument("--width", type=int)
     args = parser.parse_args(argv)
@@ -325,6 +317,7 @@ def main(argv=None) -> None:
         if args.control:
             raise InputError("--synthesize makes images from the base alone; drop --control and --hint")
         check_dataset_folder(out, args.overwrite)
+        writable_folder(out.absolute().parent, "--out")
         base = load_base_or_tiny(args.base)
         paths = synthesize_dataset(base, args.prompt, out, args.n_per_prompt, seed=args.seed,
                                    overwrite=args.overwrite, **knobs)
@@ -332,7 +325,8 @@ def main(argv=None) -> None:
         return
     prompts = [p for prompt in args.prompt for p in expand_wildcards(prompt) for _ in range(args.n_per_prompt)]
     paths = output_paths(out, len(prompts), args.overwrite)
-    hint = read_hint_image(args.hint) if args.hint else None
+    writable_folder(out.parent.absolute(), "--out")
+    hint = np.asarray(load_rgb(args.hint, "--hint")) if args.hint else None
     base = load_base_or_tiny(args.base)
     control = None
     if args.control:
@@ -341,8 +335,7 @@ def main(argv=None) -> None:
         control = load_control(base, args.control)
     images = sample(base, prompts, control, hint, strength=args.strength, guess_mode=args.guess_mode,
                     control_start=args.control_start, control_end=args.control_end,
-                    lllite_multiplier=args.lllite_multiplier, seed=args.seed, **knobs)
-    out.parent.mkdir(parents=True, exist_ok=True)
+                    lllite_multiplier=args.lllite_multiplier, seed=args.seed, compile=args.compile, **knobs)
     for path, image, prompt in zip(paths, images, prompts):
         save_png_with_prompt(image, path, prompt)
         print(path)

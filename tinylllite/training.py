@@ -4,22 +4,23 @@ Mirrors `ControlLDM`'s training (lllyasviel/ControlNet `ldm/models/diffusion/ddp
 latents = VAE posterior sample * scale; t uniform in [0, 1000); x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps
 with the "scaled linear" betas 0.00085 .. 0.012; plain MSE against eps (or v for v-prediction bases).
 Adds what diffusers' and kohya's trainers offer: Min-SNR-gamma loss weighting (Hang et al. 2023), mixed
-precision, gradient checkpointing, 8-bit Adam. How a batch is drawn and encoded is `batches.py`.
+precision, gradient checkpointing, 8-bit Adam, and a NaN guard that never makes the CPU wait for the GPU.
+How a batch is drawn and encoded is `run/batches.py`; the loop is tutorial_train.py.
 Left out: EMA, LR schedules, offset noise.
 """
+import math
 from contextlib import nullcontext
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-from tinylllite import control_branch, nan_guard
+from tinylllite import control_branch
 from tinylllite.sd.base import StableDiffusionBase
 from tinylllite.control_branch import unet_prediction
 
-# torch's fused AdamW: the same update up to float rounding, in one pass over all tensors. On the 2-core CPU
-# 6x faster than the default loop for the tiny branches' hundreds of small tensors (bench/step_parts.py)
+# torch's fused AdamW: the same update up to float rounding, in one pass over all tensors instead of several
+# ops per tensor, which for the tiny branches' hundreds of small tensors dominates the step (bench/step_parts.py)
 FUSED_ADAMW_DEVICES = ("cuda", "cpu")
 
 
@@ -51,6 +52,28 @@ def diffusion_loss(base: StableDiffusionBase, control, scheduler: DDPMScheduler,
     if snr_gamma:
         per_sample = per_sample * min_snr_weights(scheduler, t, snr_gamma)
     return per_sample.mean()
+
+
+class TrainingLoss(torch.nn.Module):
+    """`TrainingLoss(...)(batch)` is `diffusion_loss(...)`, as a module whose parameters are exactly the trained ones.
+
+    torch's DistributedDataParallel and torch.compile take a module. This one registers the trained
+    parameters (so DDP averages exactly their gradients and starts every process from rank 0's values) and
+    holds the base, the branch and the scheduler in a plain tuple, unregistered, so DDP neither broadcasts
+    nor watches the gigabytes of frozen weights. An LLLite's parameters live inside the frozen UNet; they
+    are trained all the same, since they are in `params`.
+    """
+
+    def __init__(self, base: StableDiffusionBase, control, scheduler: DDPMScheduler,
+                 params: list[torch.nn.Parameter], snr_gamma: float | None = None, only_mid_control: bool = False):
+        super().__init__()
+        self.trained = torch.nn.ParameterList(params)
+        self.parts = (base, control, scheduler)  # a tuple, so nn.Module does not register them as children
+        self.snr_gamma, self.only_mid_control = snr_gamma, only_mid_control
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        base, control, scheduler = self.parts
+        return diffusion_loss(base, control, scheduler, batch, self.snr_gamma, self.only_mid_control)
 
 
 def prepare_trainable(base: StableDiffusionBase, control,
@@ -120,46 +143,86 @@ def cast_frozen_weights_to_half(base: StableDiffusionBase, precision: str) -> No
                 p.data = p.data.to(HALF[precision])
 
 
-class GradientAverager:
-    """The mean of every gradient over the processes (what DistributedDataParallel computes), communicated while
-    the backward pass still runs: on the step's last micro-batch, each parameter's all_reduce starts, without
-    waiting, as soon as its gradient is complete; `finish` waits for them. Every process runs the same graph, so
-    the hooks fire, and the collectives start, in the same order everywhere."""
+def optimizer_step(optimizer, scaler, params: list[torch.nn.Parameter], max_grad_norm: float | None,
+                   finite: "FiniteCheck") -> None:
+    """Unscale (fp16), note whether the gradients are finite (on the device, read later), clip, step.
 
-    def __init__(self, params: list[torch.nn.Parameter], world: int):
-        self.params, self.world, self.pending, self.last_micro_batch = params, world, [], False
-        for p in params:
-            p.register_post_accumulate_grad_hook(self._reduce)
-
-    def _reduce(self, p: torch.nn.Parameter) -> None:
-        if self.last_micro_batch:
-            self.pending.append(dist.all_reduce(p.grad, async_op=True))
-
-    def finish(self, loss: torch.Tensor) -> None:
-        """Wait for the gradients, divide by the number of processes; average the logged loss too."""
-        for handle in self.pending:
-            handle.wait()
-        self.pending, self.last_micro_batch = [], False
-        for p in self.params:
-            if p.grad is not None:
-                p.grad /= self.world
-        dist.all_reduce(loss)
-        loss /= self.world
-
-
-def optimizer_step(optimizer, scaler, named: list[tuple[str, torch.nn.Parameter]], max_grad_norm: float | None,
-                   step: int) -> None:
-    """Unscale (fp16), check the gradients for NaN/inf, clip, step; with a scaler a skipped step is normal."""
-    params = [p for _, p in named]
+    With an fp16 scaler an inf gradient is expected now and then (the scaler skips that step and lowers its
+    scale), so there the gradients are not watched; `FiniteCheck.read` watches the scale instead.
+    """
     if scaler:
         scaler.unscale_(optimizer)
     else:
-        nan_guard.check_gradients(named, step)
+        finite.add_gradients(params)
     if max_grad_norm:
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     if scaler:
-        scaler.step(optimizer)
+        scaler.step(optimizer)  # reads found_inf back from the device: fp16's one host sync per step
         scaler.update()
-        nan_guard.check_loss_scale(scaler, step)
     else:
         optimizer.step()
+
+
+# ---- NaN and inf, watched without waiting for the device ------------------------------------------------------
+
+ADVICE = ("Try: a lower --learning-rate; --mixed-precision bf16 (or fp32) instead of fp16; --max-grad-norm 1.0; "
+          "checking the data (hint in [0, 1], target in [-1, 1], no empty images); resuming from the last "
+          "good checkpoint with --resume-from.")
+MIN_LOSS_SCALE = 2.0 ** -16  # a GradScaler this low has skipped every step for a long time
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced NaN or inf; the message says where and at which step."""
+
+
+class FiniteCheck:
+    """Whether every loss and gradient since the run began was finite, kept on the device.
+
+    The original trainer keeps going after a NaN and writes checkpoints full of them. Reading `isfinite`
+    back at every step would make the CPU wait for the GPU four times a step, so each check only updates
+    a few device tensors: the first step whose loss was not finite, the first step whose gradients were
+    not, and which parameters' gradients were not. `read()` brings them to the host in one transfer; the
+    training loop calls it with every log line, before every checkpoint and at the end, so a NaN stops the
+    run within `--log-every` steps and no checkpoint with NaN weights is written.
+    """
+
+    def __init__(self, named: list[tuple[str, torch.nn.Parameter]], device):
+        self.names = [name for name, _ in named]
+        self.first_bad = torch.full((2,), -1, dtype=torch.int64, device=device)  # [loss, gradients]
+        self.param_finite = torch.ones(len(named), dtype=torch.bool, device=device)
+        self.step = torch.zeros((), dtype=torch.int64, device=device)  # the optimizer step being taken
+
+    def _note(self, which: int, finite: torch.Tensor) -> None:
+        unset = self.first_bad[which] < 0
+        self.first_bad[which] = torch.where(unset & ~finite, self.step, self.first_bad[which])
+
+    def add_loss(self, loss: torch.Tensor) -> None:
+        self._note(0, torch.isfinite(loss.detach()).all())
+
+    def add_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
+        # one fused norm per tensor: NaN or inf anywhere makes that tensor's norm NaN or inf
+        finite = torch.isfinite(torch.stack(torch._foreach_norm(grads)))  # (P,)
+        if len(grads) == len(params):
+            self.param_finite &= finite
+        self._note(1, finite.all())
+
+    def next_step(self) -> None:
+        self.step += 1
+
+    def read(self, scaler=None) -> None:
+        """Bring the flags to the host (one read) and raise if anything was NaN or inf."""
+        loss_step, grad_step = self.first_bad.tolist()
+        if loss_step >= 0:
+            raise NonFiniteError(f"the loss became NaN or inf at optimizer step {loss_step} (forward pass); the run "
+                                 f"stopped at the next check and saved nothing after it. {ADVICE}")
+        if grad_step >= 0:
+            bad = [name for name, ok in zip(self.names, self.param_finite.tolist()) if not ok]
+            where = f" of {bad[0]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "") if bad else ""
+            raise NonFiniteError(f"NaN or inf in the gradient{where} at optimizer step {grad_step} (backward "
+                                 f"pass); the run stopped at the next check and saved nothing after it. {ADVICE}")
+        if scaler is not None and scaler.get_scale() < MIN_LOSS_SCALE:
+            raise NonFiniteError(f"fp16 loss scale fell to {scaler.get_scale():.3g} (2^{math.log2(scaler.get_scale()):.0f}): "
+                                 f"the gradients are non-finite at every scale. {ADVICE}")

@@ -23,7 +23,8 @@ from PIL import Image
 
 from tinylllite.data.datasets import IMAGE_EXTENSIONS, images_by_stem, load_rgb
 from tinylllite.errors import InputError, run_command
-from tinylllite.data.fill50k import write_atomically
+from tinylllite.files.atomic import atomic_file, writable_folder
+from tinylllite.files.state_dicts import refuse_unwritable
 
 BLUR_SIGMA = 1.0
 RANDOM_LOW = (50, 150)  # inclusive range of the low threshold when drawn at random; high = 2 * low
@@ -110,6 +111,7 @@ def canny_folder(image_dir, conditioning_dir, low: float = 100, high: float = 20
         raise InputError(f"{image_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     if conditioning_dir.exists() and not conditioning_dir.is_dir():
         raise InputError(f"{conditioning_dir} is a file; pass a folder for the edge maps")
+    refuse_unwritable(conditioning_dir, "edge-map folder", inside=True)  # before 50,000 images are read
     if conditioning_dir.resolve() == image_dir.resolve():
         raise InputError(f"{conditioning_dir} is the image folder: the edge maps would replace the images; "
                          "pass another folder")
@@ -117,7 +119,9 @@ def canny_folder(image_dir, conditioning_dir, low: float = 100, high: float = 20
     if existing and not overwrite:
         raise InputError(f"{conditioning_dir} already holds {len(existing)} of the edge maps "
                          f"({', '.join(existing[:5])}); pass --overwrite to replace them, or another folder")
-    conditioning_dir.mkdir(parents=True, exist_ok=True)
+    for path in images.values():  # every input is read whole before the first edge map is written
+        load_rgb(path)
+    writable_folder(conditioning_dir, "edge-map")
     captions, no_caption = 0, []
     for index, (stem, path) in enumerate(images.items()):
         if random_thresholds:
@@ -125,12 +129,14 @@ def canny_folder(image_dir, conditioning_dir, low: float = 100, high: float = 20
             low = int(rng.integers(RANDOM_LOW[0], RANDOM_LOW[1] + 1))
             high = 2 * low
         edges = Image.fromarray(canny(np.asarray(load_rgb(path)), low, high))
-        write_atomically(conditioning_dir / f"{stem}.png", lambda tmp: edges.save(tmp, format="PNG"))
+        with atomic_file(conditioning_dir / f"{stem}.png") as tmp:
+            edges.save(tmp, format="PNG")
         caption = path.with_suffix(caption_extension)
         prompt = png_prompt(path) if path.suffix.lower() == ".png" else None
         if prompt is not None and not caption.exists():
             text = prompt.strip() + "\n"
-            write_atomically(caption, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+            with atomic_file(caption) as tmp:
+                tmp.write_text(text, encoding="utf-8")
             captions += 1
         elif not caption.exists():
             no_caption.append(path.name)

@@ -152,19 +152,49 @@ def resize_centre_crop(image: Image.Image, width: int, height: int) -> Image.Ima
     return image.crop((left, top, left + width, top + height))
 
 
-def load_rgb(path: Path) -> Image.Image:
-    """An image as RGB (greyscale, palette and RGBA converted); raises naming the file it cannot use."""
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB, keeping what the pixels mean.
+
+    16-bit greyscale (a depth map, typically: modes I;16 and I) is scaled to 8 bits (v / 257) rather than
+    clipped at 255, which would turn almost every pixel white. Transparent pixels (RGBA, LA, a palette with
+    transparency) are composited on black, the hint convention for "nothing here", rather than keeping
+    whatever colour lies under the transparency. Float images (mode F) carry no known range and are refused.
+    """
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        values = np.asarray(image, dtype=np.int64)  # (H, W)
+        if values.min() < 0 or values.max() > 65535:
+            raise ValueError(f"a {image.mode} image with values outside 0..65535 has no 8-bit meaning")
+        grey = np.round(values / 257).astype(np.uint8)  # 65535 -> 255, 257 -> 1
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if image.mode == "F":
+        raise ValueError("a 32-bit float image has no known range; save it as 8- or 16-bit PNG")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+        black = Image.new("RGBA", image.size, (0, 0, 0, 255))
+        return Image.alpha_composite(black, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_rgb(path: Path, flag: str | None = None) -> Image.Image:
+    """An image file as 8-bit RGB (`to_rgb`); one that cannot be used is refused naming it.
+
+    `flag` names the command-line flag the path came from (e.g. "--hint"); without it the path is a
+    dataset's file and the message points at the dataset check.
+    """
+    given = f"{flag} {path}" if flag else str(path)
+    fix = "give a PNG or JPG file" if flag else f"replace or remove it, and run `{CHECK_COMMAND}` to find every such file"
     try:
         with Image.open(path) as image:
             if max(image.size) > MAX_SIDE:
-                raise InputError(f"{path} is {image.width}x{image.height}, over {MAX_SIDE} px on a side; "
+                raise InputError(f"{given} is {image.width}x{image.height}, over {MAX_SIDE} px on a side; "
                                  "resize it (training resizes to the model's size anyway)")
-            return image.convert("RGB")
+            return to_rgb(image)
     except FileNotFoundError:
-        raise InputError(f"{path} does not exist; run `{CHECK_COMMAND}` to list every missing file") from None
-    except (OSError, SyntaxError, Image.DecompressionBombError) as error:
-        raise InputError(f"{path} cannot be read as an image ({error}); replace or remove it, and run "
-                         f"`{CHECK_COMMAND}` to find every such file") from None
+        then = "check the path" if flag else f"run `{CHECK_COMMAND}` to list every missing file"
+        raise InputError(f"{given} does not exist; {then}") from None
+    except InputError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise InputError(f"{given} cannot be read as an image ({error}); {fix}") from None
 
 
 class PairedDataset(Dataset):

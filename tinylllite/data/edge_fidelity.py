@@ -8,6 +8,7 @@ tolerance). Here a predicted edge pixel also counts when a hint edge lies within
 (default 1), and the other way round: at the small sizes a CPU run samples (64 px) a one-pixel shift
 from the VAE would otherwise decide the score. `tolerance=0` gives ControlNet++'s protocol.
 
+A pure metric: the evaluation loop that samples the images is `tinylllite.run.image_log.evaluate`.
 Left out: other detectors (HED, depth); the hint is taken as given, white edges on black.
 """
 import numpy as np
@@ -49,16 +50,3 @@ def sample_edge_f1(image: np.ndarray, hint: np.ndarray, low: float = 100, high: 
         raise ValueError(f"image {image.shape} and hint {hint.shape} differ in size")
     return edge_f1(hint_edges(hint), hint_edges(canny(image, low, high)), tolerance)
 
-
-def evaluate_edge_f1(base, control, items: list[dict], steps: int, cfg: float, low: float = 100, high: float = 200,
-                     batch_size: int = 16, seed: int = 0) -> dict:
-    """Mean edge F1 of `sample` outputs for held-out dataset items (dicts with hint [0, 1] HWC and txt)."""
-    from tinylllite.sample import sample
-
-    scores = []
-    for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
-        hints = np.stack([np.round(np.asarray(item["hint"]) * 255).astype(np.uint8) for item in chunk])  # (B, H, W, 3)
-        images = sample(base, [item["txt"] for item in chunk], control, hints, steps=steps, cfg=cfg, seed=seed + start)
-        scores += [sample_edge_f1(image, hint, low, high) for image, hint in zip(images, hints)]
-    return {"edge_f1": float(np.mean(scores))}

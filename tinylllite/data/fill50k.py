@@ -20,8 +20,7 @@ draws (the real dataset's random stream is unknown; item 1234 of ours is not "bu
 """
 import json
 import os
-import shutil
-import tempfile
+import signal
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -31,6 +30,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from tinylllite.errors import InputError
+from tinylllite.files.atomic import atomic_file, atomic_folder
+from tinylllite.files.state_dicts import refuse_unwritable
 
 # CSS3/X11 named colours as they appear in Fill50K prompts (tests/fixtures/fill50k_colours.json).
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -139,31 +140,25 @@ def make_pair(seed: int, index: int, size: int = REFERENCE_SIZE) -> Fill50KPair:
                        (x0, y0), r)
 
 
-def write_atomically(path: Path, write) -> None:
-    """Call `write(temporary path)`, then rename it to `path`; a failure leaves nothing and names `path`."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as error:
-        tmp.unlink(missing_ok=True)
-        raise InputError(f"cannot write {path} ({error.strerror or error}); check that its folder is "
-                         "writable and the disk has space") from None
-
-
 def save_png(image: np.ndarray, path: Path) -> None:
-    """Write a PNG atomically (`path.tmp`, then rename)."""
-    write_atomically(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG",
-                                                                   compress_level=PNG_COMPRESS_LEVEL))
+    """Write a PNG atomically (a temporary beside it, then a rename)."""
+    with atomic_file(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
 
 
 def _write_item(job: tuple[Path, int, int, int]) -> tuple[int, str]:
     """Worker: draw one pair, save both PNGs, return (index, prompt)."""
     root, seed, index, size = job
     pair = make_pair(seed, index, size)
-    save_png(pair.source, root / "source" / f"{index}.png")
-    save_png(pair.target, root / "target" / f"{index}.png")
+    for folder, image in (("source", pair.source), ("target", pair.target)):  # the folder is written atomically
+        Image.fromarray(image).save(root / folder / f"{index}.png", format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return index, pair.prompt
+
+
+def _ignore_ctrl_c() -> None:
+    """Pool worker start-up: Ctrl-C reaches the whole process group, but only the main process handles it (it
+    stops the workers and removes the half-written set), so workers print no traceback of their own."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def check_replaceable(folder: Path, overwrite: bool, own: set[str]) -> None:
@@ -185,9 +180,9 @@ def write_fill50k(out_dir, n: int, size: int = REFERENCE_SIZE, seed: int = 0,
                   workers: int | None = None, overwrite: bool = False) -> Path:
     """Write n pairs in the Fill50K layout to out_dir; return out_dir.
 
-    The set is built in `<out_dir>.partial` and renamed to out_dir only when complete; any failure,
-    Ctrl-C included, removes the partial folder, so no half-written set is left (a killed process
-    leaves `<out_dir>.partial`, which the next run replaces). An existing non-empty out_dir is
+    The set is built in a temporary folder beside out_dir and renamed to out_dir only when complete
+    (`tinylllite.files.atomic`); any failure, Ctrl-C included, removes it, so no half-written set is
+    left (a killed process's temporary is removed by the next run). An existing non-empty out_dir is
     refused unless `overwrite`, and even then only when it holds nothing but a Fill50K set.
     """
     out_dir = Path(out_dir)
@@ -201,11 +196,9 @@ def write_fill50k(out_dir, n: int, size: int = REFERENCE_SIZE, seed: int = 0,
     if seed < 0:
         raise InputError(f"seed must be 0 or more, got {seed}")
     check_replaceable(out_dir, overwrite, SET_ENTRIES)
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    check_replaceable(partial, True, SET_ENTRIES | {"prompt.json.tmp"})  # a killed run's leftovers only
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
-        (partial / "source").mkdir(parents=True)
+    refuse_unwritable(out_dir, "output folder")
+    with atomic_folder(out_dir, replace=True, durable=False) as partial:
+        (partial / "source").mkdir()
         (partial / "target").mkdir()
         workers = workers or len(os.sched_getaffinity(0))
         jobs = [(partial, seed, i, size) for i in range(n)]
@@ -216,7 +209,7 @@ def write_fill50k(out_dir, n: int, size: int = REFERENCE_SIZE, seed: int = 0,
                 prompts[index] = prompt
                 progress.update()
         else:
-            with get_context("fork").Pool(workers) as pool:
+            with get_context("fork").Pool(workers, initializer=_ignore_ctrl_c) as pool:
                 for index, prompt in pool.imap_unordered(_write_item, jobs, chunksize=64):
                     prompts[index] = prompt
                     progress.update()
@@ -224,15 +217,5 @@ def write_fill50k(out_dir, n: int, size: int = REFERENCE_SIZE, seed: int = 0,
         lines = (json.dumps({"source": f"source/{i}.png", "target": f"target/{i}.png", "prompt": p})
                  for i, p in enumerate(prompts))
         text = "\n".join(lines) + "\n"
-        write_atomically(partial / "prompt.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    if out_dir.exists():  # empty, or a set that overwrite replaces: moved into a fresh folder, then deleted
-        aside = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.replaced-", dir=out_dir.parent))
-        os.replace(out_dir, aside / out_dir.name)
-        os.replace(partial, out_dir)
-        shutil.rmtree(aside)
-    else:
-        os.replace(partial, out_dir)
+        (partial / "prompt.json").write_text(text, encoding="utf-8")
     return out_dir

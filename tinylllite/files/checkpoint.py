@@ -11,12 +11,15 @@ pickle). Here a checkpoint is a folder `OUT/checkpoints/step_0001200/` holding
 - `training_state.pt`: optimizer, loss scaler, RNG, step and data position (read with
   `torch.load(weights_only=True)`, so loading executes no code).
 
-Writes are atomic: the folder is assembled as `step_N.tmp/` and renamed in one `os.replace`, so a run
-killed mid-save leaves the previous checkpoint intact, and a failed save (disk full) leaves no
-`.tmp` folder and names the checkpoint it could not write. Only the last K are kept.
+Writes are atomic: the folder is assembled in a temporary folder beside it and renamed in one
+`os.replace` (`tinylllite/files/atomic.py`), so a run killed mid-save leaves the previous checkpoint
+intact, and a failed save (disk full) leaves no temporary and names the checkpoint it could not write. Only the last K are kept.
 """
+import json
+import pickle
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import torch
@@ -24,9 +27,10 @@ from safetensors import SafetensorError
 
 from tinylllite.sd.base import StableDiffusionBase
 from tinylllite.control_branch import branch_state_dict, load_branch_state_dict
-from tinylllite.files.control_io import load_any_control
+from tinylllite.files.control_io import branch_metadata, load_any_control
 from tinylllite.errors import InputError
-from tinylllite.files.state_dicts import atomic_folder, open_state_dict, save_state_dict
+from tinylllite.files.atomic import atomic_folder
+from tinylllite.files.state_dicts import open_state_dict, save_state_dict
 
 
 class CheckpointWriteError(InputError, OSError):
@@ -47,7 +51,7 @@ def trainable_weights(base: StableDiffusionBase, control) -> dict[str, dict[str,
 
 
 def list_checkpoints(run_dir) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (half-written `.tmp` folders are not checkpoints)."""
+    """Complete checkpoints of a run, oldest first (half-written temporaries are not checkpoints)."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
@@ -66,7 +70,7 @@ def save_checkpoint(run_dir, step: int, weights: dict[str, dict[str, torch.Tenso
     if final.exists():  # e.g. Ctrl-C right after the periodic save of the same step
         return final
     try:
-        with atomic_folder(final) as tmp:  # on any failure the step_N.tmp/ folder is removed
+        with atomic_folder(final) as tmp:  # on any failure the temporary folder is removed
             for stem, tensors in weights.items():
                 extra = metadata if stem == "control" else None
                 save_state_dict(tensors, tmp / f"{stem}.safetensors",
@@ -94,11 +98,95 @@ def resolve_checkpoint(path) -> Path:
     return found[-1]
 
 
-def load_checkpoint(path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
-    """(weights by file stem, training state) of a checkpoint folder or of a run's newest checkpoint."""
-    folder = resolve_checkpoint(path)
+def load_training_state(path: Path) -> dict:
+    """training_state.pt, read with weights_only=True; anything else in it is refused in one line naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
+        if "Weights only load failed" in str(error):
+            raise InputError(f"{path}: holds Python objects besides tensors and numbers, which tinylllite does not "
+                             f"load (loading them could run code from the file); it is not a checkpoint this "
+                             f"project wrote: resume from one of your own runs") from None
+        raise InputError(f"{path}: a damaged training state ({type(error).__name__}), e.g. a save cut short") from None
+
+
+def _load_folder(folder: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
     weights = {f.name.removesuffix(".safetensors"): dict(open_state_dict(f)) for f in folder.glob("*.safetensors")}
-    return weights, torch.load(folder / STATE_FILE, weights_only=True)
+    if "control" not in weights:
+        raise InputError(f"{folder}: control.safetensors is missing; this checkpoint is incomplete")
+    return weights, load_training_state(folder / STATE_FILE)
+
+
+def load_checkpoint(path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """(weights by file stem, training state) of a checkpoint folder or of a run's newest checkpoint.
+
+    A damaged newest checkpoint of a run (a disk that filled up, a copy cut short) is refused naming the
+    newest intact one, and the flag that resumes from it.
+    """
+    folder = resolve_checkpoint(path)
+    try:
+        return _load_folder(folder)
+    except InputError as error:
+        older = [c for c in list_checkpoints(folder.parent.parent) if c.name < folder.name]
+        for candidate in reversed(older):
+            try:
+                _load_folder(candidate)
+            except InputError:
+                continue
+            raise InputError(f"{error} The newest intact checkpoint is {candidate}: resume from it with "
+                             f"--resume-from {candidate}") from None
+        raise
+
+
+def save_training(run_dir, step: int, base: StableDiffusionBase, control, optimizer, scaler, effective_batch: int,
+                  keep_last: int, settings: dict) -> Path:
+    """A checkpoint of the trained weights and everything a resume needs: optimizer, loss scale, RNG, settings."""
+    state = dict(step=step, samples_seen=step * effective_batch, effective_batch=effective_batch,
+                 torch_rng=torch.get_rng_state(), optimizer=optimizer.state_dict(),
+                 scaler=scaler.state_dict() if scaler else None, settings=settings)
+    return save_checkpoint(run_dir, step, trainable_weights(base, control), state, keep_last,
+                           metadata=branch_metadata(base, control))
+
+
+def resume_training(path, base: StableDiffusionBase, control, optimizer, scaler, effective_batch: int,
+                    learning_rate: float) -> int:
+    """Put a checkpoint's weights, optimizer, loss scale and RNG back; returns its step.
+
+    The learning rate is the run's setting now (given on the command line, or the run's own), not the one
+    the restored optimizer state carries, so what is printed and recorded is what trains.
+    """
+    weights, state = load_checkpoint(path)
+    if state["effective_batch"] != effective_batch:
+        raise InputError(f"{path} was trained with effective batch {state['effective_batch']}: resume with the same "
+                         f"batch size, accumulation and number of processes")
+    load_trainable(base, control, weights)
+    optimizer.load_state_dict(state["optimizer"])
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["step"]
+
+
+def recorded_run(path) -> dict | None:
+    """The config a run recorded for the checkpoint `path` resumes ({"control", "settings", ...}), or None.
+
+    config.json holds the first call; every resume wrote config_resume_<step>.json beside it, and the
+    newest one at or before the checkpoint's step is what trained up to it.
+    """
+    folder = resolve_checkpoint(path)
+    run_dir, step = folder.parent.parent, int(STEP_DIR.match(folder.name)[1]) if STEP_DIR.match(folder.name) else None
+    resumes = sorted((int(m[1]), p) for p in run_dir.glob("config_resume_*.json")
+                     if (m := re.match(r"config_resume_(\d+)\.json$", p.name)) and (step is None or int(m[1]) <= step))
+    config = resumes[-1][1] if resumes else run_dir / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        return json.loads(config.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InputError(f"{config}: not readable as JSON ({error}); restore it or resume with every setting "
+                         f"given on the command line after deleting it") from None
 
 
 def load_trainable(base: StableDiffusionBase, control, weights: dict[str, dict[str, torch.Tensor]]) -> None:

@@ -6,7 +6,8 @@
 `identify.py` tells what a file is (layouts "original", "full", "diffusers", "kohya"; the SD family);
 this file turns its tensors into the branch's own names, diffusers' ControlNetModel names for a
 ControlNet (via `ldm_format`) and kohya's `lllite_unet_*` names for an LLLite, and refuses a file
-made for the other branch or for another SD family in one sentence, before any shape mismatch.
+made for the other branch or for another SD family in one sentence, before any shape mismatch, and
+one holding NaN or inf (a damaged file, or one saved from a diverged run) naming its first such tensor.
 
 Files this project writes (`convert`, `tool_add_control.py`, training checkpoints) carry string
 metadata in the safetensors header: architecture, base family, hint range and channels, and the
@@ -27,9 +28,10 @@ from tinylllite.controlnet import ControlNet
 from tinylllite.errors import InputError
 from tinylllite.files.identify import (KIND_NAMES, META, FileInfo, family_of_width, identify,
                                  ldm_control_tensors, refuse_other_family)
-from tinylllite.lllite_unet import attach_lllite_from_kohya
+from tinylllite.lllite_unet import LLLite, attach_lllite_from_kohya
 from tinylllite.files.sd_loading import family_config
-from tinylllite.files.state_dicts import atomic_folder, refuse_existing, save_state_dict, tensor_shapes
+from tinylllite.files.atomic import atomic_folder
+from tinylllite.files.state_dicts import refuse_existing, save_state_dict, tensor_shapes
 
 CONTROLNET_HINT_RANGE = "0..1 RGB"  # what ControlNet's hint encoder reads (cldm.py's hint is image / 255)
 LLLITE_HINT_RANGE = "-1..1 RGB inside the module (tinylllite's set_conditioning takes 0..1 and maps it)"
@@ -130,7 +132,25 @@ def read_control(info: FileInfo) -> tuple[dict[str, torch.Tensor], dict, dict[st
     config = file_controlnet_config(info)
     with torch.device("meta"):
         keys = list(ControlNetModel(**config).state_dict().keys())
-    return _diffusers_named(info, keys, config), config, info.metadata
+    tensors = _diffusers_named(info, keys, config)
+    check_finite(info)
+    return tensors, config, info.metadata
+
+
+def check_finite(info: FileInfo) -> None:
+    """One pass over a control file's tensors: NaN or inf in a floating tensor is refused, naming the first one.
+
+    The keys are the file's own, in its order; a "full" file's SD part is not read (only `control_model.*`).
+    A NaN weight would otherwise load without complaint and turn every sampled image black, or every loss NaN.
+    """
+    sd = info.state_dict
+    for key in sd:
+        if info.layout == "full" and not key.startswith(lf.CONTROL_PREFIX):
+            continue
+        tensor = sd[key]
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise InputError(f"{info.path}: tensor {key} holds NaN or inf values; the file is damaged or was saved "
+                             f"from a diverged run: use an earlier checkpoint")
 
 
 # --- loading any file onto a base --------------------------------------------------------------------------
@@ -153,6 +173,7 @@ def _load_into(info: FileInfo, base, control) -> None:
     if wrong:
         raise InputError(f"{info.path} does not fit this base and branch ({len(wrong)} problems, e.g. "
                          f"{'; '.join(sorted(wrong)[:3])}): it was made for another base model or other sizes")
+    check_finite(info)
     load_branch_state_dict(control, tensors)
 
 
@@ -178,6 +199,7 @@ def load_any_control(path, base):
             control = attach_lllite_from_kohya(base.unet, dict(info.state_dict), vae_scale_factor=base.vae_scale_factor)
         except ValueError as error:
             raise InputError(f"{info.path}: {error}") from None
+        check_finite(info)
     else:
         shapes = tensor_shapes(info.state_dict)
         hint_channels = shapes[_hint_convs(shapes)[0]][1]  # conv_in: (16, hint channels, 3, 3)
@@ -205,6 +227,18 @@ def write_control(tensors: dict[str, torch.Tensor], config: dict, out, layout: s
         with torch.device("meta"):
             ControlNetModel(**config).save_config(tmp)  # config.json as from_pretrained expects it
         save_state_dict(tensors, tmp / DIFFUSERS_WEIGHTS, dict(metadata, format="pt"))
+
+
+def save_lllite(lllite: LLLite, unet, out, dtype: torch.dtype | None = None, family: str | None = None) -> None:
+    """Save an LLLite attached to `unet` as a kohya-format .safetensors file, with this project's metadata.
+
+    The file loads in kohya's sd-scripts and its ComfyUI node; `family` defaults to the one the UNet's
+    cross-attention width names ("tiny" for toy widths). Existing files are never overwritten.
+    """
+    refuse_existing(out)
+    tensors = {k: v if dtype is None else v.to(dtype) for k, v in lllite.kohya_state_dict().items()}
+    family = family or family_of_width(unet.config.cross_attention_dim)
+    save_state_dict(tensors, out, lllite_metadata(tensors, family))
 
 
 def save_controlnet(control: ControlNet, unet, out, layout: str = "original", family: str | None = None) -> None:

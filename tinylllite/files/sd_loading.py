@@ -37,7 +37,8 @@ from tinylllite.files import ldm_format as lf
 from tinylllite.sd.base import StableDiffusionBase
 from tinylllite.errors import InputError
 from tinylllite.files.identify import FAMILY_NAMES, identify, unet_family
-from tinylllite.files.state_dicts import open_state_dict, tensor_shapes  # noqa: F401 (open_state_dict: tutorial_train.py)
+from tinylllite.files.state_dicts import tensor_shapes
+from tinylllite.sd.tiny_sd import load_tiny_sd
 from tinylllite.sd.tokenizer import clip_tokenizer
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "sd" / "configs"
@@ -193,3 +194,10 @@ def load_base(path, ema: bool = False, dtype=torch.float32, prediction_type: str
             raise InputError(f"{path}: diffusers folders hold one set of UNet weights; ema=True needs a single file")
         return _load_diffusers_folder(info.path, info.family, dtype, prediction_type)
     return base_from_ldm(info.state_dict, ema=ema, dtype=dtype, prediction_type=prediction_type, source=str(path))
+
+
+def load_base_or_tiny(path) -> StableDiffusionBase:
+    """"tiny" = the tiny SD shipped with the package; anything else is `load_base(path)` (offline)."""
+    if str(path) == "tiny":
+        return load_tiny_sd()
+    return load_base(path)

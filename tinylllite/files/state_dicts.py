@@ -7,10 +7,9 @@ which loads tensors and plain containers and nothing that could run code; both f
 memory-mapped, so opening a 5 GB file costs no memory until a tensor is used.
 
 Every writer of the package (control files, training checkpoints, tool_add_control.py, LLLite's
-kohya files) goes through `save_state_dict`: the file is written next to its destination as
-`<name>.tmp` and renamed with `os.replace`, so a crash leaves either the old file or the new one,
-never half of one. Files get the permissions any program's files get (0666 minus the umask), not the
-owner-only 0600 that safetensors' writer gives them.
+kohya files) goes through `save_state_dict`: the file is written to a temporary beside its
+destination and renamed (`tinylllite/files/atomic.py`), so a crash leaves either the old file or the
+new one, never half of one.
 
 A file that cannot be read is refused by `open_state_dict` in one sentence that names it, says what
 it looks like (empty, truncated, a text file such as a Git LFS pointer, not a PyTorch file) and what
@@ -19,11 +18,9 @@ to do. Left out: sharded files (`*.safetensors.index.json`), GGUF and ONNX.
 
 import json
 import os
-import shutil
 import struct
 import zipfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -31,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from tinylllite.errors import InputError
+from tinylllite.files.atomic import atomic_file
 
 SAFETENSORS = ".safetensors"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -84,6 +82,9 @@ def _open_safetensors(path: Path) -> SafetensorsFile:
         raw = f.read(8)
         header_len = struct.unpack("<Q", raw)[0] if len(raw) == 8 else None
         header = f.read(min(header_len, 100_000_000)) if header_len is not None else b""
+    if header_len is not None and size < 8 + header_len and header.startswith(b"{"):  # a JSON header, cut short
+        raise InputError(f"{path}: truncated: its header alone is {8 + header_len:,} bytes but the file has "
+                         f"{size:,} (an interrupted download or copy): {REDOWNLOAD}")
     try:
         offsets = [v["data_offsets"][1] for k, v in json.loads(header).items() if k != "__metadata__"]
     except (ValueError, TypeError, KeyError, AttributeError):
@@ -153,14 +154,30 @@ def refuse_existing(path) -> None:
         raise FileExistsError(f"{path} exists; refusing to overwrite it (delete it or choose another name)")
 
 
-def _umask() -> int:
-    umask = os.umask(0)  # reading the umask means setting it; put it straight back
-    os.umask(umask)
-    return umask
+def refuse_unwritable(path, what: str = "output", inside: bool = False) -> None:
+    """Refuse, before any slow work, an output `path` that could not be written: one that lies under a file,
+    or whose nearest existing folder is not writable (read-only, no permission). Nothing is created.
+
+    `inside`: `path` is a folder whose files are written in place, so it must be writable itself if it exists
+    (otherwise the folder beside which `path` is written, atomically, is what must be writable).
+    """
+    path = Path(path)
+    absolute = Path(os.path.abspath(path))
+    for parent in [absolute, *absolute.parents] if inside else absolute.parents:
+        if not parent.exists():
+            continue
+        shown = parent if path.is_absolute() else Path(os.path.relpath(parent))
+        if not parent.is_dir():
+            raise InputError(f"the {what} {path} lies under {shown}, which is a file, not a folder; give a path in "
+                             f"a folder")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise InputError(f"the {what} {path} cannot be written: the folder {shown} is not writable (read-only or "
+                             f"no permission); give a folder you can write to")
+        return
 
 
 def save_state_dict(tensors: Mapping[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> Path:
-    """Write `.safetensors` (with string metadata) or a pickle atomically: `<name>.tmp`, then `os.replace`.
+    """Write `.safetensors` (with string metadata) or a pickle atomically (`tinylllite.files.atomic`).
 
     Metadata needs a safetensors header: a pickle output simply goes without it.
     """
@@ -168,41 +185,9 @@ def save_state_dict(tensors: Mapping[str, torch.Tensor], path, metadata: dict[st
     if path.suffix != SAFETENSORS and path.suffix not in PICKLE_SUFFIXES:
         raise InputError(f"{path}: unknown checkpoint type {path.suffix!r}; use {SAFETENSORS} or "
                          f"{', '.join(PICKLE_SUFFIXES)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    with atomic_file(path) as tmp:
         if path.suffix == SAFETENSORS:
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-            os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates its files 0600, readable by their owner only
         else:
             torch.save({k: v.detach().cpu() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
-
-
-def fsync(path: Path) -> None:
-    """Flush a file's or a folder's entry to disk, so a rename is durable across a power cut."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def atomic_folder(path) -> Iterator[Path]:
-    """`with atomic_folder(out) as tmp:` fill `tmp`; on success it becomes `out` in one rename, else vanishes."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed mid-save
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        for file in tmp.rglob("*"):
-            fsync(file)
-        os.replace(tmp, path)
-        fsync(path.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

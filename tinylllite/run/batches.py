@@ -25,8 +25,12 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
+import time
+
+from tinylllite.files.atomic import atomic_folder
+from tinylllite.hint import check_hint_range
 from tinylllite.sd.base import StableDiffusionBase
-from tinylllite.files.state_dicts import atomic_folder, open_state_dict, save_state_dict
+from tinylllite.files.state_dicts import open_state_dict, save_state_dict
 
 TIMESTEP_SAMPLING = ("uniform", "cubic")
 
@@ -37,13 +41,13 @@ def sample_generator(seed: int, sample_number: int) -> torch.Generator:
 
 
 @lru_cache(maxsize=2)
-def _epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+def _epoch_order(seed: int, epoch: int, n: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
 
 
 def dataset_index(seed: int, sample_number: int, n: int) -> int:
     """Data order: a fresh shuffle of the n items every epoch; sample k is item order[k % n] of epoch k // n."""
-    return int(_epoch_order(seed, sample_number // n, n)[sample_number % n])
+    return _epoch_order(seed, sample_number // n, n)[sample_number % n]
 
 
 def draw_timestep(g: torch.Generator, num_train_timesteps: int, how: str = "uniform") -> torch.Tensor:
@@ -72,13 +76,14 @@ class SampleStream(Dataset):
     def __getitem__(self, k: int) -> dict:
         index = dataset_index(self.seed, k, self.n)
         item = self.dataset[index]
+        check_hint_range(float(item["hint"].min()), float(item["hint"].max()), f"the hint of training item {index}")
         hint = torch.as_tensor(item["hint"]).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W), in [0, 1]
         factor = self.vae_scale_factor
         latent_shape = (self.latent_channels, hint.shape[1] // factor, hint.shape[2] // factor)  # (4, H/f, W/f)
         g = sample_generator(self.seed, k)  # the order of the draws below is part of the run's definition
         t = draw_timestep(g, self.num_train_timesteps, self.timestep_sampling)
         noise, vae_eps = torch.randn(latent_shape, generator=g), torch.randn(latent_shape, generator=g)
-        drop = bool(torch.rand((), generator=g) < self.prompt_dropout)
+        drop = torch.rand((), generator=g).tolist() < self.prompt_dropout  # a host number: no device read
         return dict(index=index, image=torch.as_tensor(item["jpg"]).permute(2, 0, 1),  # (3, H, W) in [-1, 1]
                     hint=hint, prompt="" if drop else item["txt"], timestep=t, noise=noise, vae_eps=vae_eps)
 
@@ -186,12 +191,17 @@ class LatentCache:
         return True
 
     @torch.no_grad()
-    def fill(self, base: StableDiffusionBase, dataset, n: int, batch_size: int, workers: int = 0) -> None:
+    def fill(self, base: StableDiffusionBase, dataset, n: int, batch_size: int, workers: int = 0,
+             deadline: float | None = None) -> bool:
         """Encode the first n items (images through the VAE, prompts plus the empty one through the text
-        encoder) in batches, then save."""
-        prompts = {""}
+        encoder) in batches, then save. With a `deadline` (a time.time() value) it gives up, saving nothing,
+        once the next batch would end after it; returns whether the cache is complete."""
+        prompts, started = {""}, time.time()
         loader = DataLoader(ItemImages(dataset), batch_size=batch_size, sampler=range(n), num_workers=workers)
-        for batch in tqdm(loader, desc="caching latents", unit="batch"):
+        for done, batch in enumerate(tqdm(loader, desc="caching latents", unit="batch")):
+            per_batch = (time.time() - started) / done if done else 0.0
+            if deadline is not None and time.time() + per_batch > deadline:
+                return False
             images = batch["image"].to(base.vae.device, base.vae.dtype)
             dist = base.vae.encode(images).latent_dist  # a Gaussian over (B, 4, H/f, W/f) latents
             for i, m, s in zip(batch["index"].tolist(), dist.mean.cpu(), dist.std.cpu()):
@@ -204,6 +214,7 @@ class LatentCache:
             for j, p in enumerate(chunk):
                 self.text[p] = (hidden[j].cpu(), None if pooled is None else pooled[j].cpu())
         self.save()
+        return True
 
     def save(self) -> None:
         """Written into a temporary folder and renamed, so a killed run leaves no half cache behind."""

@@ -12,7 +12,6 @@ take-off is marked in the plot. `RunLog` calls all of it at the steps a run's se
 Left out: the original's per-epoch folders and its EMA/`log_images` switches.
 """
 import json
-import os
 import time
 from pathlib import Path
 
@@ -23,14 +22,16 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from tinylllite.sample import sample
+from tinylllite.data.edge_fidelity import sample_edge_f1
+from tinylllite.data.fidelity import fill50k_fidelity
+from tinylllite.files.atomic import atomic_file
 from tinylllite.training import autocast
 
 
 
 def save_png(image: np.ndarray, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(image).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
 
 
 def row(images) -> np.ndarray:
@@ -63,7 +64,8 @@ def to_uint8(image01_or_pm1: np.ndarray, signed: bool) -> np.ndarray:
 @torch.no_grad()
 def log_training_panels(base, control, items: list[dict], step: int, out_dir, steps: int = 50, cfg: float = 9.0,
                         seed: int = 0) -> list[Path]:
-    """The original's four panels for these dataset items (dicts jpg [-1,1], txt, hint [0,1], HWC)."""
+    """The original's four panels for these dataset items (dicts jpg [-1,1], txt, hint [0,1], HWC), one strip
+    each under the original's file names, each strip labelled on its left with what it shows."""
     hints = np.stack([to_uint8(item["hint"], signed=False) for item in items])  # (N, H, W, 3)
     targets = torch.stack([torch.as_tensor(item["jpg"]) for item in items]).permute(0, 3, 1, 2)  # (N, 3, H, W)
     vae = base.vae
@@ -77,8 +79,8 @@ def log_training_panels(base, control, items: list[dict], step: int, out_dir, st
     folder = Path(out_dir) / "image_log"
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{name}_gs-{step:06d}.png" for name in panels]
-    for path, images in zip(paths, panels.values()):
-        save_png(row(images), path)
+    for path, (name, images) in zip(paths, panels.items()):
+        save_png(row([text_panel(name.replace("_", " "), hints.shape[1])] + list(images)), path)
     return paths
 
 
@@ -99,21 +101,41 @@ def log_pairs_grid(base, control, prompts: list[str], hints: np.ndarray, path: P
 
 
 @torch.no_grad()
-def evaluate_fidelity(base, control, pairs, steps: int = 20, cfg: float = 9.0, sampler: str = "ddim",
-                      batch_size: int = 16, seed: int = 0) -> dict:
-    """Mean disc IoU and colour error of `sample` outputs against the pairs' outlines and prompts (Fill50K)."""
-    from tinylllite.data.fidelity import fill50k_fidelity
+def evaluate(base, control, pairs: list, metric: str = "fill50k-iou", steps: int = 20, cfg: float = 9.0,
+             sampler: str = "ddim", batch_size: int = 16, seed: int = 0, canny_low: float = 100,
+             canny_high: float = 200, deadline: float | None = None) -> dict:
+    """Control fidelity of `sample` outputs on held-out pairs, averaged: {"fidelity_iou", "colour_error"} for
+    Fill50K (pairs: Fill50KPair), {"edge_f1"} for Canny data (pairs: dataset items, hint in [0, 1] and txt).
 
-    scores = []
+    Image i is sampled with seed + i, so a score does not depend on `batch_size`. With a `deadline`
+    (time.time()), batches that would end after it are left out: "pairs" says how many were scored.
+    """
+    if metric == "fill50k-iou":
+        prompts, hints = [p.prompt for p in pairs], np.stack([p.source for p in pairs])  # (N, H, W, 3) uint8
+        def score(image, i):
+            found = fill50k_fidelity(image, pairs[i].source, pairs[i].prompt)
+            return {"fidelity_iou": found["iou"], "colour_error": found["colour_error"]}
+    elif metric == "edge-f1":
+        prompts = [item["txt"] for item in pairs]
+        hints = np.stack([np.round(np.asarray(item["hint"]) * 255).astype(np.uint8) for item in pairs])
+        def score(image, i):
+            return {"edge_f1": sample_edge_f1(image, hints[i], canny_low, canny_high)}
+    else:
+        raise ValueError(f"unknown evaluation metric {metric!r}; use fill50k-iou or edge-f1")
+    scores, started = [], time.time()
     for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
-        images = sample(base, [p.prompt for p in chunk], control, np.stack([p.source for p in chunk]), steps=steps,
-                        cfg=cfg, sampler=sampler, seed=seed + start)
-        scores += [fill50k_fidelity(image, p.source, p.prompt) for image, p in zip(images, chunk)]
-    return {"fidelity_iou": float(np.mean([s["iou"] for s in scores])),
-            "colour_error": float(np.mean([s["colour_error"] for s in scores]))}
+        per_batch = (time.time() - started) / (start // batch_size) if start else 0.0
+        if deadline is not None and time.time() + per_batch > deadline:
+            break
+        images = sample(base, prompts[start:start + batch_size], control, hints[start:start + batch_size],
+                        steps=steps, cfg=cfg, sampler=sampler, seed=seed + start)
+        scores += [score(image, start + offset) for offset, image in enumerate(images)]
+    if not scores:
+        return {"pairs": 0}
+    return {**{name: float(np.mean([s[name] for s in scores])) for name in scores[0]}, "pairs": len(scores)}
 
 
+SAVE_RESERVE_SECONDS = 5.0  # what a run keeps of --max-minutes for its final checkpoint
 SCORE_NAMES = {"fidelity_iou": "IoU", "colour_error": "colour error", "edge_f1": "edge F1"}
 CONTROL_SCORES = ("fidelity_iou", "edge_f1")  # the number whose jump is the "sudden convergence"
 TAKE_OFF = 0.5  # the score at which control has visibly arrived
@@ -129,9 +151,8 @@ class MetricsLog:
         self.path = Path(out_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = [e for e in self.events() if e["step"] <= keep_until] if append and self.path.exists() else []
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(e) + "\n" for e in kept))
-        os.replace(tmp, self.path)
+        with atomic_file(self.path) as tmp:
+            tmp.write_text("".join(json.dumps(e) + "\n" for e in kept))
 
     def write(self, **event) -> None:
         with self.path.open("a") as f:
@@ -191,9 +212,8 @@ class MetricsLog:
         axes[-1, 0].set_xlabel("optimizer step")
         figure.tight_layout()
         out = self.path.with_suffix(".png")
-        tmp = out.with_name(out.name + ".tmp")
-        figure.savefig(tmp, format="png", dpi=80)
-        os.replace(tmp, out)
+        with atomic_file(out) as tmp:
+            figure.savefig(tmp, format="png", dpi=80)
         return out
 
 
@@ -204,12 +224,11 @@ class RunLog:
     def __init__(self, out: Path, settings: dict, base, control, dataset, validation: list[tuple[str, np.ndarray]], clock,
                  heldout: list, resumed_at: int | None = None):
         """settings: the run's resolved settings (tutorial_train.py's block); validation: (prompt, uint8 hint image)
-        pairs; clock: has .minutes(); heldout: the evaluation's pairs (Fill50KPair for fill50k-iou, dataset items
+        pairs; clock: the StopRule (.minutes(), .deadline); heldout: the evaluation's pairs (Fill50KPair for fill50k-iou, dataset items
         for edge-f1); resumed_at: the step of the checkpoint a resumed run continues from."""
         self.out, self.s, self.base, self.control, self.dataset = Path(out), settings, base, control, dataset
         self.validation, self.clock, self.heldout, self.resumed_at = validation, clock, heldout, resumed_at
         self.metrics = MetricsLog(out, append=resumed_at is not None, keep_until=resumed_at or 0)
-        self.window: list[float] = []
         self.evaluation_seconds = self.image_seconds = 0.0  # how long the last of each took
         self.last_grid = -1
 
@@ -221,16 +240,14 @@ class RunLog:
         """config.json of a new run (run identity + settings); a resumed run keeps it and writes
         config_resume_<step>.json beside it."""
         name = "config.json" if self.resumed_at is None else f"config_resume_{self.resumed_at}.json"
-        path, tmp = self.out / name, self.out / (name + ".tmp")
-        tmp.write_text(json.dumps(dict(run, settings=self.s), indent=1))
-        os.replace(tmp, path)
+        path = self.out / name
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps(dict(run, settings=self.s), indent=1))
         return path
 
     def loss(self, step: int, value: float, lr: float) -> None:
-        self.window.append(value)
-        if step % self.s["log_every"] == 0:
-            self.metrics.write(step=step, loss=sum(self.window) / len(self.window), lr=lr)
-            self.window = []
+        """A metrics line: the mean loss of the steps since the last one (the loop reads it every log_every steps)."""
+        self.metrics.write(step=step, loss=value, lr=lr)
 
     def after_step(self, step: int) -> None:
         if self.s["logger_freq"] and step % self.s["logger_freq"] == 0:
@@ -240,22 +257,27 @@ class RunLog:
 
     def evaluate(self, step: int) -> None:
         """Fidelity on held-out pairs with the same `sample` as deployment, under the run's autocast."""
-        from tinylllite.data.edge_fidelity import evaluate_edge_f1
-
         started, s = time.time(), self.s
+        deadline = None if self.clock.deadline is None else self.clock.deadline - SAVE_RESERVE_SECONDS
         with torch.no_grad(), autocast(self.base.device, s["mixed_precision"]):
-            if s["eval_metric"] == "fill50k-iou":
-                scores = evaluate_fidelity(self.base, self.control, self.heldout, steps=s["eval_steps"],
-                                           cfg=s["eval_cfg"])
-            else:
-                scores = evaluate_edge_f1(self.base, self.control, self.heldout, steps=s["eval_steps"],
-                                          cfg=s["eval_cfg"], low=s["canny_low"], high=s["canny_high"])
+            scores = evaluate(self.base, self.control, self.heldout, s["eval_metric"], steps=s["eval_steps"],
+                              cfg=s["eval_cfg"], canny_low=s["canny_low"], canny_high=s["canny_high"],
+                              deadline=deadline)
         self.control.train()
-        self.evaluation_seconds = time.time() - started
-        self.metrics.write(step=step, minutes=round(self.clock.minutes(), 2), **scores)
+        pairs = scores.pop("pairs")
+        if pairs == 0:
+            tqdm.write(f"step {step}: evaluation skipped: it would not end inside --max-minutes")
+            return
+        if pairs < len(self.heldout):  # a shortened evaluation says so, and is not the time of a whole one
+            tqdm.write(f"step {step}: evaluation shortened to {pairs} of {len(self.heldout)} held-out pairs "
+                       f"to end inside --max-minutes")
+        else:
+            self.evaluation_seconds = time.time() - started
+        self.metrics.write(step=step, minutes=round(self.clock.minutes(), 2), **scores,
+                           **({"eval_pairs": pairs} if pairs < len(self.heldout) else {}))
         self.metrics.plot()
         shown = ", ".join(f"{SCORE_NAMES[k]} {v:.3f}" for k, v in scores.items())
-        tqdm.write(f"step {step}: {shown} ({self.evaluation_seconds:.0f} s on {len(self.heldout)} held-out pairs)")
+        tqdm.write(f"step {step}: {shown} ({time.time() - started:.0f} s on {pairs} held-out pairs)")
 
     @property
     def final_seconds(self) -> float:

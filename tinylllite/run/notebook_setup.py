@@ -48,17 +48,12 @@ def check_device(device: str) -> torch.device:
 def notebook_setup(sd15_path=None, device: str = "cpu") -> NotebookSetup:
     """The base, device and image size a notebook runs with (see the module docstring)."""
     device = check_device(device)
-    if sd15_path is None:
-        from tinylllite.sd.tiny_sd import load_tiny_sd
-
-        base, tiny = load_tiny_sd(), True
-    else:
-        if device.type != "cuda":
-            raise InputError(f"SD15_PATH = {str(sd15_path)!r} needs DEVICE = 'cuda': SD1.5 on a CPU takes minutes "
-                             f"per image; set SD15_PATH = None to run the tiny SD on the CPU")
-        from tinylllite.files.sd_loading import load_base
-
-        base, tiny = load_base(sd15_path), False
+    tiny = sd15_path is None
+    if not tiny and device.type != "cuda":
+        raise InputError(f"SD15_PATH = {str(sd15_path)!r} needs DEVICE = 'cuda': SD1.5 on a CPU takes minutes "
+                         f"per image; set SD15_PATH = None to run the tiny SD on the CPU")
+    base = load_base_or_tiny("tiny" if tiny else sd15_path)
+    if not tiny:
         if base.family != "sd1":
             raise InputError(f"SD15_PATH = {str(sd15_path)!r} holds a {base.family} base; these notebooks are "
                              f"written for SD1.x (Fill50K at 512 px, the original tutorial's setting)")

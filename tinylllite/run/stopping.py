@@ -2,9 +2,11 @@
 
 The tiny default job promises a result within 10 minutes of typing the command, so its clock starts
 when the process started (imports included), read from the operating system rather than from a line
-placed above the imports. The first Ctrl-C asks the loop to finish the step it is in, save and exit;
-a second one stops at once. With several processes (torchrun) every rank stops at the same step:
-the wish to stop is summed over ranks.
+placed above the imports, and everything counts against it: filling the cache, every evaluation and
+the final checkpoint (`deadline` is what those plan with). The first Ctrl-C asks the loop to finish the
+step it is in, save and exit; a second one stops at once. With several processes (torchrun) every rank
+stops at the same step: the wish to stop is summed over ranks at the steps that write a log line, the
+only steps whose collective the GPU waits for anyway.
 """
 import os
 import signal
@@ -36,6 +38,12 @@ class StopRule:
         self.max_steps, self.max_minutes = max_steps, max_minutes
         self.started = process_start_time() if started is None else started
         self.interrupted = False
+        self.out_of_time = False  # set when a part of the run (the cache fill) used up the time
+
+    @property
+    def deadline(self) -> float | None:
+        """The time.time() by which the run must have ended, or None without --max-minutes."""
+        return None if self.max_minutes is None else self.started + 60 * self.max_minutes
 
     def minutes(self) -> float:
         return (time.time() - self.started) / 60
@@ -53,13 +61,16 @@ class StopRule:
     def __exit__(self, *exc) -> None:
         signal.signal(signal.SIGINT, self._previous)
 
-    def should_stop(self, step: int, seconds_of_final_work: float = 0.0, device=None) -> bool:
+    def should_stop(self, step: int, seconds_of_final_work: float = 0.0, device=None, agree: bool = True) -> bool:
         """True when step reached max_steps, Ctrl-C was pressed, or the final work (one more evaluation) would
-        end past max_minutes. Agreed on by every rank."""
-        over_time = self.max_minutes is not None and self.minutes() * 60 + seconds_of_final_work > 60 * self.max_minutes
-        done = (self.max_steps is not None and step >= self.max_steps) or self.interrupted or over_time
-        if dist.is_initialized():  # any process asking to stop stops them all at the same step
-            wish = torch.tensor(float(done), device=device)
-            dist.all_reduce(wish)
-            done = bool(wish > 0)
-        return done
+        end past max_minutes. With several processes the time and Ctrl-C are agreed on only where `agree`."""
+        over_time = self.out_of_time or (self.deadline is not None and time.time() + seconds_of_final_work > self.deadline)
+        reached = self.max_steps is not None and step >= self.max_steps  # the same step on every rank
+        wish = self.interrupted or over_time
+        if dist.is_initialized():
+            if not agree:
+                return reached
+            wished = torch.tensor(float(wish), device=device)
+            dist.all_reduce(wished)  # any process asking to stop stops them all at the same step
+            wish = bool(wished > 0)
+        return reached or wish

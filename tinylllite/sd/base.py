@@ -24,11 +24,14 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from tinylllite.errors import InputError
+
 FAMILIES = ("sd1", "sd2", "sdxl", "tiny")
 # The DDPM schedule of every SD1.x/SD2.x/SDXL UNet: 1000 steps, betas "scaled linear" (linear in sqrt(beta))
 # from 0.00085 to 0.012, as diffusers' DDPMScheduler names them.
 SD_NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 OPENCLIP_LAYERS = 24  # SD2's text encoder, OpenCLIP ViT-H/14
+MAX_SIZE_FACTOR = 2  # images over 2x the base's native side take minutes and come out as repeated tiles
 
 
 @dataclass
@@ -86,6 +89,14 @@ class StableDiffusionBase:
                         return_tensors="pt").input_ids
         return ids.to(self.device)  # (B, 77)
 
+    def truncated_words(self, prompt: str) -> str:
+        """The end of `prompt` that CLIP's 77 tokens leave out ("" when it fits); diffusers' pipeline warns with it."""
+        tokenizer = self.tokenizer
+        ids = tokenizer(prompt, truncation=False, verbose=False).input_ids  # [BOS, tokens..., EOS]
+        if len(ids) <= tokenizer.model_max_length:
+            return ""
+        return tokenizer.decode(ids[tokenizer.model_max_length - 1:-1])  # the kept ones: BOS + 75, then EOS
+
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Prompts -> (encoder_hidden_states (B, 77, D), pooled (B, P) for SDXL else None)."""
@@ -108,3 +119,14 @@ class StableDiffusionBase:
             return None
         time_ids = torch.tensor([height, width, 0, 0, height, width], dtype=pooled.dtype, device=pooled.device)
         return {"text_embeds": pooled, "time_ids": time_ids.expand(pooled.shape[0], 6)}
+
+
+def check_image_size(base: StableDiffusionBase, height: int, width: int, what: str) -> None:
+    """Sides must land on the latent grid and stay within MAX_SIZE_FACTOR x the base's native size."""
+    factor = base.vae_scale_factor
+    if height % factor or width % factor:
+        raise InputError(f"{what} is {height}x{width} pixels; both sides must be multiples of the VAE factor {factor}")
+    native = base.unet.config.sample_size * factor
+    if max(height, width) > MAX_SIZE_FACTOR * native:
+        raise InputError(f"{what} is {height}x{width} pixels, over {MAX_SIZE_FACTOR}x this base's native {native} px: "
+                         f"sampling would be slow and the image useless; resize it to {native}x{native}")

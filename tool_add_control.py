@@ -40,6 +40,7 @@ from tinylllite.lllite import LLLiteModule
 from tinylllite.lllite_unet import attach_lllite
 from tinylllite.files.sd_loading import check_sd_parts, family_config
 from tinylllite.files.state_dicts import refuse_existing, save_state_dict, tensor_shapes
+from tinylllite.files.atomic import refuse_unwritable
 
 ENCODER_PARTS = ("time_embed.", "label_emb.", "input_blocks.", "middle_block.")  # what cldm.py copies
 
@@ -117,6 +118,7 @@ def with_control(sd) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], 
 def add_control(in_path, out_path) -> dict:
     """Write IN + a fresh `control_model.*` to OUT; returns the counts the summary prints."""
     refuse_existing(out_path)
+    refuse_unwritable(out_path)  # before the input's gigabytes are read and copied
     info = identify(in_path)
     family = check_sd_checkpoint(info)
     sd = info.state_dict
@@ -128,6 +130,7 @@ def add_control(in_path, out_path) -> dict:
 def add_lllite(in_path, out_path, cond_emb_dim: int, mlp_dim: int) -> dict:
     """Write a fresh ControlNet-LLLite for IN's UNet (kohya's default blocks) in kohya's format, in the UNet's dtype."""
     refuse_existing(out_path)
+    refuse_unwritable(out_path)
     info = identify(in_path)
     if info.kind != "sd" or info.family not in ("sd1", "sd2", "sdxl"):
         raise InputError(f"{in_path} is {info.describe()}: --lllite needs an SD1.x, SD2.x or SDXL checkpoint "

@@ -63,8 +63,13 @@ def main(argv=None) -> int:
     if args.seed < 0:
         parser.error(f"--seed must be 0 or more, got {args.seed}")
     if args.make is not None:
-        write_fill50k(args.out, args.make, size=args.size, seed=args.seed, workers=args.workers,
-                      overwrite=args.overwrite)
+        try:
+            write_fill50k(args.out, args.make, size=args.size, seed=args.seed, workers=args.workers,
+                          overwrite=args.overwrite)
+        except KeyboardInterrupt:  # Ctrl-C: the half-written set is already removed (write_fill50k is atomic)
+            print(f"\ntutorial_dataset.py: interrupted; {args.out} was not written (an earlier set there is "
+                  f"unchanged): run the command again to make it", file=sys.stderr)
+            return 130
         print(f"wrote {args.make} pairs to {args.out}")
         return 0
     root = find_root()

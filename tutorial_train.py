@@ -32,6 +32,7 @@ from tinylllite.data.fidelity import evaluation_pairs
 from tinylllite.errors import InputError, run_command
 from tinylllite.files import checkpoint, control_io
 from tinylllite.files.atomic import writable_folder
+from tinylllite.files.identify import identify
 from tinylllite.files.run_lock import RunLock
 from tinylllite.files.sd_loading import load_base_or_tiny
 from tinylllite.run import batches, image_log, options, stopping
@@ -199,9 +200,11 @@ def main(argv=None, base=None):
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     recorded = checkpoint.recorded_run(args.resume_from) if args.resume_from else None
+    if args.resume_path:
+        identify(args.resume_path)  # a missing or unreadable file is refused now, not after the base and data
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    tiny = base.family == "tiny" if base is not None else args.base == "tiny"
+    tiny = base.family == "tiny" if base is not None else args.base in (None, "tiny")  # picks a fresh run's preset
     settings, preset = resolve_settings(args, tiny, recorded)
     s = argparse.Namespace(**settings)
     stop = stopping.StopRule(s.max_steps, s.max_minutes)

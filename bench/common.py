@@ -41,6 +41,7 @@ from tinylllite.errors import InputError, run_command  # noqa: E402,F401
 from tinylllite.data.fill50k import write_fill50k  # noqa: E402,F401
 from tinylllite.lllite_unet import attach_lllite  # noqa: E402
 from tinylllite.sample import make_sampler, sample  # noqa: E402,F401
+from tinylllite.files.atomic import atomic_file  # noqa: E402
 from tinylllite.files.sd_loading import family_config  # noqa: E402
 from tinylllite.sd.tiny_sd import load_tiny_sd  # noqa: E402
 from tinylllite.sd.tokenizer import clip_tokenizer  # noqa: E402
@@ -183,9 +184,6 @@ def report(result: dict, out: str | None) -> dict:
     text = json.dumps(result, indent=1)
     print(text)
     if out:
-        path = Path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, path)
+        with atomic_file(out) as tmp:
+            tmp.write_text(text + "\n")
     return result

@@ -18,7 +18,6 @@ colours at least 60 apart (`distinguishable`); training used seed 0.
 import argparse
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from PIL import Image
 
 from tinylllite.data.fidelity import chance_colour_error, distinguishable, fill50k_fidelity
 from tinylllite.data.fill50k import make_pair
+from tinylllite.files.atomic import atomic_file
 from tinylllite.sample import sample, to_uint8
 from tinylllite.sd.tiny_sd import TINY_IMAGE_SIZE, WEIGHTS_DIR, load_tiny_sd
 
@@ -86,9 +86,8 @@ def main(argv=None) -> dict:
         path = args.weights / "training_report.json"
         report = json.loads(path.read_text()) if path.exists() else {}
         report["gate"] = result
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps(report, indent=2) + "\n")
     return result
 
 

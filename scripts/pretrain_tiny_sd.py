@@ -29,7 +29,6 @@ import fcntl
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -41,6 +40,7 @@ from transformers import CLIPTextModel
 
 from tinylllite.data.fidelity import distinguishable, fill50k_fidelity
 from tinylllite.data.fill50k import COLOUR_NAMES, COLOURS, make_pair, prompt_for
+from tinylllite.files.atomic import atomic_file, atomic_folder
 from tinylllite.sd.tiny_sd import SCHEDULER_CONFIG, TINY_IMAGE_SIZE, WEIGHTS_DIR, build_tiny_parts
 from tinylllite.sd.tokenizer import clip_tokenizer
 
@@ -85,16 +85,10 @@ def eval_pairs(seed: int, n: int) -> list:
 
 
 def save_part(module, out: Path, name: str) -> None:
-    """save_pretrained in fp16 to out/name.tmp, then swap it in place of out/name."""
-    tmp, final, old = out / f"{name}.tmp", out / name, out / f"{name}.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    module.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+    """save_pretrained in fp16 into a temporary folder, then swapped in place of out/name."""
+    with atomic_folder(out / name, replace=True) as tmp:
+        module.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
     module.to(torch.float32)
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def update_report(out: Path, stage: str, entry: dict) -> None:
@@ -107,9 +101,8 @@ def update_report(out: Path, stage: str, entry: dict) -> None:
         report.update(device="cpu, 2 cores, shared", torch=torch.__version__)
         report.setdefault("stages", {})[stage] = dict(entry, threads=torch.get_num_threads(),
                                                       command="python scripts/pretrain_tiny_sd.py " + " ".join(sys.argv[1:]))
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps(report, indent=2) + "\n")
     finally:
         os.close(folder)
 

@@ -126,12 +126,14 @@ def guess_mode_scales(control) -> list[float]:
 def unet_prediction(base: StableDiffusionBase, control, latents: torch.Tensor, timesteps: torch.Tensor,
                     hidden: torch.Tensor, added_cond_kwargs: dict | None = None, hint: torch.Tensor | None = None,
                     strength: float = 1.0, scales: list[float] | None = None, only_mid_control: bool = False,
-                    lllite_multiplier: float = 1.0) -> torch.Tensor:
+                    lllite_multiplier: float = 1.0, guess_mode: bool = False) -> torch.Tensor:
     """The UNet's output for noisy `latents` (B, 4, h, w) with `control` applied at `strength`.
 
     hint: (B, 3, H, W) in [0, 1], H = h * vae_scale_factor. strength 0 (or control None) is the plain base:
     the branch is not run at all, so "no control" is exactly the base model, not a near-zero residual.
     scales: ControlNet's per-residual multipliers (guess mode's ramp), None = all 1.
+    guess_mode: the batch is a CFG batch [uncond; cond] and only its conditional half sees the ControlNet (hint:
+    one per conditional sample); the unconditional half gets zero residuals, as in diffusers' pipeline.
     """
     kind = control_kind(control)
     if kind is None or strength == 0.0:
@@ -142,8 +144,15 @@ def unet_prediction(base: StableDiffusionBase, control, latents: torch.Tensor, t
     if kind == "controlnet":
         if hint is None:
             raise ValueError("a ControlNet needs a hint image (B, 3, H, W) in [0, 1]; got hint=None")
-        residuals = control(latents, timesteps, hidden, hint, added_cond_kwargs=added_cond_kwargs)
-        return controlled_unet_forward(base.unet, latents, timesteps, hidden, residuals.scaled(scales, strength),
+        if guess_mode:
+            half = latents.shape[0] // 2  # [uncond; cond]: the ControlNet reads the conditional half only
+            added_c = None if added_cond_kwargs is None else {k: v[half:] for k, v in added_cond_kwargs.items()}
+            residuals = control(latents[half:], timesteps[half:], hidden[half:], hint, added_cond_kwargs=added_c)
+            residuals = residuals.scaled(scales, strength).with_zero_unconditional()  # (B, ...) -> (2B, ...)
+        else:
+            residuals = control(latents, timesteps, hidden, hint, added_cond_kwargs=added_cond_kwargs)
+            residuals = residuals.scaled(scales, strength)
+        return controlled_unet_forward(base.unet, latents, timesteps, hidden, residuals,
                                        only_mid_control=only_mid_control, added_cond_kwargs=added_cond_kwargs)
     # LLLite: a hint is embedded here and read by every wrapped layer; hint=None reuses the embedding set
     # before (a sampler embeds once for all its timesteps; without one, the wrapped layers raise).

@@ -38,7 +38,7 @@ from PIL.PngImagePlugin import PngInfo
 from tinylllite.control_branch import conditioned, control_kind, guess_mode_scales, unet_prediction
 from tinylllite.data.datasets import IMAGE_EXTENSIONS, load_rgb
 from tinylllite.errors import InputError, run_command
-from tinylllite.files.atomic import atomic_file, atomic_folder, writable_folder
+from tinylllite.files.atomic import atomic_file, atomic_folder, refuse_unwritable
 from tinylllite.files.sd_loading import load_base_or_tiny
 from tinylllite.hint import check_hint
 from tinylllite.sd.base import StableDiffusionBase, check_image_size
@@ -65,15 +65,15 @@ def hint_tensor(hint, batch: int, device, dtype) -> torch.Tensor:
         if hint.dtype != np.uint8 or hint.shape[-1] != 3:
             raise InputError(f"a hint array must be uint8 (H, W, 3) or (B, H, W, 3) RGB; got {hint.dtype} {hint.shape}")
         hint = torch.from_numpy(hint.reshape(-1, *hint.shape[-3:]).copy()).permute(0, 3, 1, 2)  # (B, H, W, 3) -> (B, 3, H, W)
-        # contiguous before the division, as diffusers' pipeline makes it: a permuted view picks another
-        # convolution kernel in the hint encoder, whose rounding differs in the last bit
-        hint = hint.contiguous().float() / 255
+        hint = hint.float() / 255
     check_hint(hint)
     if hint.shape[0] == 1:
         hint = hint.expand(batch, -1, -1, -1)
     if hint.shape[0] != batch:
         raise InputError(f"{hint.shape[0]} hints for {batch} prompts: give one hint or one per prompt")
-    return hint.to(device=device, dtype=dtype)
+    # contiguous, as diffusers' pipeline hands it on: a permuted or expanded view picks another convolution
+    # kernel in the hint encoder, whose rounding differs in the last bit
+    return hint.to(device=device, dtype=dtype).contiguous()
 
 
 def in_window(step: int, steps: int, start: float, end: float) -> bool:
@@ -100,16 +100,6 @@ def check_knobs(prompts: list, steps: int, cfg: float, strength: float, control_
     if control is not None and not any(in_window(i, steps, control_start, control_end) for i in range(steps)):
         raise InputError(f"control window [{control_start}, {control_end}] holds none of the {steps} steps, so the "
                          "control would never run: widen it (--control-start, --control-end) or raise --steps")
-
-
-def cfg_halves(tensors):
-    """A tensor (2B, ...) stacked as [uncond; cond], or a dict of them (SDXL) or None -> (uncond half, cond half)."""
-    if tensors is None:
-        return None, None
-    if isinstance(tensors, dict):
-        halves = {name: value.chunk(2) for name, value in tensors.items()}
-        return tuple({name: pair[i] for name, pair in halves.items()} for i in range(2))
-    return tensors.chunk(2)  # (2B, ...) -> 2 x (B, ...)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -158,7 +148,7 @@ def sample(base: StableDiffusionBase, prompts, control=None, hint=None, steps: i
         dropped = base.truncated_words(text)
         if dropped:
             warnings.warn(f"the prompt {text!r} is longer than CLIP's {base.tokenizer.model_max_length} tokens; "
-                          f"these words are cut off and have no effect: {dropped!r}", stacklevel=2)
+                          f"these words are cut off and have no effect: {dropped!r}", stacklevel=3)  # the caller of sample
     # Classifier-free guidance batches the negative prompt before the prompt: (2B, 77, D) = [uncond; cond]
     guided = cfg != 1.0
     hidden, pooled = base.encode_prompt([negative_prompt] * len(prompts) + prompts if guided else prompts)
@@ -175,11 +165,10 @@ def sample(base: StableDiffusionBase, prompts, control=None, hint=None, steps: i
             if not guided:
                 eps = predict(x, t.expand(len(prompts)), hidden, added, hint=step_hint, strength=s)
             elif guess_mode:
-                # guess mode: the unconditional half sees no control at all (diffusers, original), so it is
-                # the plain UNet and runs on its own
-                (hidden_u, hidden_c), (added_u, added_c) = cfg_halves(hidden), cfg_halves(added)
-                eps_u = predict(x, t.expand(len(prompts)), hidden_u, added_u, strength=0.0)
-                eps = predict(x, t.expand(len(prompts)), hidden_c, added_c, hint=step_hint, strength=s)
+                # guess mode: the unconditional half sees no control at all (diffusers, original): one call,
+                # the ControlNet on the conditional half, zero residuals for the unconditional one
+                eps_u, eps = predict(torch.cat([x, x]), t.expand(2 * len(prompts)), hidden, added, hint=step_hint,
+                                     strength=s, guess_mode=True).chunk(2)  # (2B, 4, h, w) -> 2 x (B, 4, h, w)
                 eps = eps_u + cfg * (eps - eps_u)
             else:
                 # one call for both halves; the unconditional half reads the same hint (the original's
@@ -317,7 +306,7 @@ def main(argv=None) -> None:
         if args.control:
             raise InputError("--synthesize makes images from the base alone; drop --control and --hint")
         check_dataset_folder(out, args.overwrite)
-        writable_folder(out.absolute().parent, "--out")
+        refuse_unwritable(out, "--out folder", inside=True)
         base = load_base_or_tiny(args.base)
         paths = synthesize_dataset(base, args.prompt, out, args.n_per_prompt, seed=args.seed,
                                    overwrite=args.overwrite, **knobs)
@@ -325,7 +314,7 @@ def main(argv=None) -> None:
         return
     prompts = [p for prompt in args.prompt for p in expand_wildcards(prompt) for _ in range(args.n_per_prompt)]
     paths = output_paths(out, len(prompts), args.overwrite)
-    writable_folder(out.parent.absolute(), "--out")
+    refuse_unwritable(out, "--out image")
     hint = np.asarray(load_rgb(args.hint, "--hint")) if args.hint else None
     base = load_base_or_tiny(args.base)
     control = None

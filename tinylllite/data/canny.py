@@ -23,8 +23,7 @@ from PIL import Image
 
 from tinylllite.data.datasets import IMAGE_EXTENSIONS, images_by_stem, load_rgb
 from tinylllite.errors import InputError, run_command
-from tinylllite.files.atomic import atomic_file, writable_folder
-from tinylllite.files.state_dicts import refuse_unwritable
+from tinylllite.files.atomic import atomic_file, refuse_unwritable, writable_folder
 
 BLUR_SIGMA = 1.0
 RANDOM_LOW = (50, 150)  # inclusive range of the low threshold when drawn at random; high = 2 * low

@@ -30,8 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from tinylllite.errors import InputError
-from tinylllite.files.atomic import atomic_file, atomic_folder
-from tinylllite.files.state_dicts import refuse_unwritable
+from tinylllite.files.atomic import atomic_file, atomic_folder, refuse_unwritable
 
 # CSS3/X11 named colours as they appear in Fill50K prompts (tests/fixtures/fill50k_colours.json).
 COLOURS: dict[str, tuple[int, int, int]] = {

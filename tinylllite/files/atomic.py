@@ -74,22 +74,39 @@ def remove_stale_temporaries(target) -> list[Path]:
     return removed
 
 
+def refuse_unwritable(path, what: str = "output", inside: bool = False) -> None:
+    """Refuse, before any slow work, an output `path` that could not be written: one that lies under a file,
+    or whose nearest existing folder is not writable (read-only, no permission). Nothing is created.
+
+    `inside`: `path` is a folder whose files are written in place, so it must be writable itself if it exists
+    (otherwise the folder beside which `path` is written, atomically, is what must be writable).
+    """
+    path = Path(path)
+    absolute = Path(os.path.abspath(path))
+    for parent in [absolute, *absolute.parents] if inside else absolute.parents:
+        if not parent.exists():
+            continue
+        shown = parent if path.is_absolute() else Path(os.path.relpath(parent))
+        if not parent.is_dir():
+            raise InputError(f"the {what} {path} lies under {shown}, which is a file, not a folder; give a path in "
+                             f"a folder")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise InputError(f"the {what} {path} cannot be written: the folder {shown} is not writable (read-only or "
+                             f"no permission); give a folder you can write to")
+        return
+
+
 def writable_folder(folder, what: str = "output") -> Path:
     """`folder` exists (made if needed) as a writable folder; anything else is refused naming the path."""
     folder = Path(folder)
-    for parent in [folder, *folder.parents]:
-        if parent.exists():
-            if not parent.is_dir():
-                raise InputError(f"the {what} path {folder} lies under {parent}, which is a file, not a folder; "
-                                 "give a path in a folder")
-            break
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"the {what} path {folder} is a file, not a folder; give a folder")
+    refuse_unwritable(folder, what, inside=True)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise InputError(f"cannot create the {what} folder {folder} ({error.strerror or error}); "
                          "give a folder you can write to") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise InputError(f"the {what} folder {folder} is not writable; give a folder you can write to")
     return folder
 
 

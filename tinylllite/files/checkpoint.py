@@ -30,7 +30,7 @@ from tinylllite.control_branch import branch_state_dict, load_branch_state_dict
 from tinylllite.files.control_io import branch_metadata, load_any_control
 from tinylllite.errors import InputError
 from tinylllite.files.atomic import atomic_folder
-from tinylllite.files.state_dicts import open_state_dict, save_state_dict
+from tinylllite.files.state_dicts import open_state_dict, refuse_non_finite, save_state_dict
 
 
 class CheckpointWriteError(InputError, OSError):
@@ -111,7 +111,10 @@ def load_training_state(path: Path) -> dict:
 
 
 def _load_folder(folder: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
-    weights = {f.name.removesuffix(".safetensors"): dict(open_state_dict(f)) for f in folder.glob("*.safetensors")}
+    weights = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        weights[file.name.removesuffix(".safetensors")] = tensors = dict(open_state_dict(file))
+        refuse_non_finite(file, tensors.items())  # a diverged run's weights never train on
     if "control" not in weights:
         raise InputError(f"{folder}: control.safetensors is missing; this checkpoint is incomplete")
     return weights, load_training_state(folder / STATE_FILE)
@@ -133,8 +136,8 @@ def load_checkpoint(path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
                 _load_folder(candidate)
             except InputError:
                 continue
-            raise InputError(f"{error} The newest intact checkpoint is {candidate}: resume from it with "
-                             f"--resume-from {candidate}") from None
+            raise InputError(f"the newest checkpoint cannot be used ({error}); the newest intact one is {candidate}: "
+                             f"resume from it with --resume-from {candidate}") from None
         raise
 
 

@@ -31,7 +31,7 @@ from tinylllite.files.identify import (KIND_NAMES, META, FileInfo, family_of_wid
 from tinylllite.lllite_unet import LLLite, attach_lllite_from_kohya
 from tinylllite.files.sd_loading import family_config
 from tinylllite.files.atomic import atomic_folder
-from tinylllite.files.state_dicts import refuse_existing, save_state_dict, tensor_shapes
+from tinylllite.files.state_dicts import refuse_existing, refuse_non_finite, save_state_dict, tensor_shapes
 
 CONTROLNET_HINT_RANGE = "0..1 RGB"  # what ControlNet's hint encoder reads (cldm.py's hint is image / 255)
 LLLITE_HINT_RANGE = "-1..1 RGB inside the module (tinylllite's set_conditioning takes 0..1 and maps it)"
@@ -141,16 +141,10 @@ def check_finite(info: FileInfo) -> None:
     """One pass over a control file's tensors: NaN or inf in a floating tensor is refused, naming the first one.
 
     The keys are the file's own, in its order; a "full" file's SD part is not read (only `control_model.*`).
-    A NaN weight would otherwise load without complaint and turn every sampled image black, or every loss NaN.
     """
     sd = info.state_dict
-    for key in sd:
-        if info.layout == "full" and not key.startswith(lf.CONTROL_PREFIX):
-            continue
-        tensor = sd[key]
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise InputError(f"{info.path}: tensor {key} holds NaN or inf values; the file is damaged or was saved "
-                             f"from a diverged run: use an earlier checkpoint")
+    refuse_non_finite(info.path, ((key, sd[key]) for key in sd
+                                  if info.layout != "full" or key.startswith(lf.CONTROL_PREFIX)))
 
 
 # --- loading any file onto a base --------------------------------------------------------------------------

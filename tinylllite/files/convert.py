@@ -27,11 +27,12 @@ from pathlib import Path
 
 import torch
 
-from tinylllite.files.control_io import (control_metadata, file_controlnet_config, lllite_metadata, read_control,
-                                   write_control)
+from tinylllite.files.control_io import (check_finite, control_metadata, file_controlnet_config, lllite_metadata,
+                                         read_control, write_control)
 from tinylllite.errors import InputError, run_command
 from tinylllite.files.identify import META, identify, ldm_control_tensors
 from tinylllite.files.state_dicts import SAFETENSORS, refuse_existing, save_state_dict
+from tinylllite.files.atomic import refuse_unwritable
 
 TARGETS = ("original", "diffusers", "kohya")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -48,6 +49,7 @@ def convert(src, out, to: str, dtype: torch.dtype | None = None) -> str:
         raise InputError(f"--to {to!r}: choose one of {TARGETS}")
     info = identify(src)
     refuse_existing(out)
+    refuse_unwritable(out)  # before any tensor is read
     if info.kind == "sd":
         raise InputError(f"{src} is {info.describe()}, not a control checkpoint: tool_add_control.py adds a "
                          f"fresh ControlNet to it")
@@ -56,6 +58,7 @@ def convert(src, out, to: str, dtype: torch.dtype | None = None) -> str:
             raise InputError(f"{src} is a ControlNet-LLLite (kohya) file; it converts only --to kohya")
         if out.suffix != SAFETENSORS:
             raise InputError(f"{out}: kohya LLLite files are .safetensors")
+        check_finite(info)
         tensors = _cast(dict(info.state_dict), dtype)
         save_state_dict(tensors, out, {**info.metadata, **lllite_metadata(tensors, info.family)})
         return f"LLLite ({len(tensors)} tensors) -> {out}"
@@ -64,6 +67,7 @@ def convert(src, out, to: str, dtype: torch.dtype | None = None) -> str:
                          f"--to kohya")
     if to == "original" and info.layout in ("original", "full"):  # LDM names in and out: no config needed
         control = ldm_control_tensors(info)
+        check_finite(info)
         try:  # full metadata where the file says its config or its family names one
             metadata = control_metadata(file_controlnet_config(info), info.family)
         except InputError:

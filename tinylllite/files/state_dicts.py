@@ -17,7 +17,6 @@ to do. Left out: sharded files (`*.safetensors.index.json`), GGUF and ONNX.
 """
 
 import json
-import os
 import struct
 import zipfile
 from collections.abc import Mapping
@@ -154,26 +153,15 @@ def refuse_existing(path) -> None:
         raise FileExistsError(f"{path} exists; refusing to overwrite it (delete it or choose another name)")
 
 
-def refuse_unwritable(path, what: str = "output", inside: bool = False) -> None:
-    """Refuse, before any slow work, an output `path` that could not be written: one that lies under a file,
-    or whose nearest existing folder is not writable (read-only, no permission). Nothing is created.
+def refuse_non_finite(path, tensors) -> None:
+    """Refuse NaN or inf in any floating tensor of (key, tensor) pairs, naming `path` and the first bad key.
 
-    `inside`: `path` is a folder whose files are written in place, so it must be writable itself if it exists
-    (otherwise the folder beside which `path` is written, atomically, is what must be writable).
+    A NaN weight would otherwise load without complaint and turn every sampled image black, or every loss NaN.
     """
-    path = Path(path)
-    absolute = Path(os.path.abspath(path))
-    for parent in [absolute, *absolute.parents] if inside else absolute.parents:
-        if not parent.exists():
-            continue
-        shown = parent if path.is_absolute() else Path(os.path.relpath(parent))
-        if not parent.is_dir():
-            raise InputError(f"the {what} {path} lies under {shown}, which is a file, not a folder; give a path in "
-                             f"a folder")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise InputError(f"the {what} {path} cannot be written: the folder {shown} is not writable (read-only or "
-                             f"no permission); give a folder you can write to")
-        return
+    for key, tensor in tensors:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise InputError(f"{path}: tensor {key} holds NaN or inf values; the file is damaged or was saved "
+                             f"from a diverged run: use an earlier checkpoint")
 
 
 def save_state_dict(tensors: Mapping[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> Path:

@@ -88,9 +88,11 @@ def parse_args(argv, branches: dict, presets: dict, description: str) -> argpars
 
     add("control", choices=tuple(branches), help="which branch to train (default controlnet; a resumed run: its own)")
     add("preset", choices=tuple(presets), help="settings for a real SD base (default for any base but the tiny SD)")
-    add("base", default="tiny", help="'tiny' (the package's tiny SD) or an SD checkpoint file / diffusers folder")
+    add("base", help="'tiny' (the package's tiny SD, the default) or an SD checkpoint file / diffusers folder "
+                     "(a resumed run: its own)")
     add("data", help="training data: a Fill50K-layout folder, JSON Lines file or kohya .toml "
-                     "(default ./training/fill50k; tiny SD: ./training/fill50k_<size>, made if missing)")
+                     "(default ./training/fill50k; tiny SD: ./training/fill50k_<size>, made if missing; "
+                     "a resumed run: its own)")
     add("out", help="run folder to create (default ./runs/<control>-<time>)")
     add("resume_from", help="a run folder or checkpoint folder to continue")
     add("resume_path", help="initial control weights: any ControlNet or LLLite file or diffusers folder")
@@ -131,6 +133,8 @@ def resolve_settings(args, branches: dict, presets: dict, tiny: bool,
             raise InputError(f"--control {args.control}: the run in --resume-from {args.resume_from} trains a "
                              f"{recorded['control']}; drop --control (the run's config says what it is)")
         args.control = recorded["control"]
+        args.base = args.base or recorded.get("base")  # the run's own base and data unless others are named
+        args.data = args.data or recorded.get("data")
         preset = recorded.get("preset")
         settings = dict(branches[args.control], **recorded["settings"])  # settings newer than the run: defaults
         for name in SHAPING:
@@ -143,6 +147,7 @@ def resolve_settings(args, branches: dict, presets: dict, tiny: bool,
         args.control = args.control or "controlnet"
         preset = args.preset or (None if tiny else "sd15")
         settings = dict(branches[args.control], **(presets[preset][args.control] if preset else {}))
+    args.base = args.base or "tiny"
     settings.update({k: v for k, v in given_settings(args).items() if k in settings})
     if args.control == "lllite" and (not settings["sd_locked"] or settings["only_mid_control"]):
         raise InputError("--sd-locked false / --only-mid-control are ControlNet options; LLLite has no such switch")

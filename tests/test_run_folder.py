@@ -104,3 +104,39 @@ def test_unlocking_the_decoder_of_a_locked_run_on_resume_is_refused_in_one_line(
     train(data, out, "--max-steps", 1, "--batch-size", 2)
     with pytest.raises(InputError, match=r"--sd-locked False: .* trained with True.*--resume-path"):
         train(data, out, "--max-steps", 2, "--batch-size", 2, "--resume-from", out, "--sd-locked", "false")
+
+
+def test_more_threads_than_usable_cores_are_refused_where_the_flag_is_parsed(capsys):
+    """--threads 1000 on a machine with a few cores is refused naming the usable count."""
+    import tutorial_train
+    from tinylllite.run.options import usable_cores
+
+    with pytest.raises(SystemExit):
+        tutorial_train.parse_args(["--threads", str(usable_cores() + 1)])
+    assert f"for {usable_cores()} usable cores" in capsys.readouterr().err
+
+
+def test_a_run_whose_time_is_spent_before_its_first_step_still_ends_with_a_checkpoint(data, tmp_path):
+    """--max-minutes counts from the start of the process: a cache fill that cannot finish is abandoned and the run
+    ends at step 0 with its checkpoint, inside the limit."""
+    out = tmp_path / "run"
+    result = train(data, out, "--max-minutes", 0.001, "--cache", "--batch-size", 2)
+    assert result["step"] == 0
+    assert [c.name for c in list_checkpoints(out)] == ["step_0000000"]
+    assert not list((tmp_path / "cache").glob("*/done"))  # nothing half-filled was kept
+
+
+def test_an_evaluation_that_would_end_past_the_deadline_is_shortened_and_says_how_many_pairs(data):
+    """image_log.evaluate scores only the batches that end before the deadline and reports how many pairs it scored."""
+    from tiny_models import tiny_base
+
+    from tinylllite.data.fidelity import evaluation_pairs
+    from tinylllite.run.image_log import evaluate
+
+    from tinylllite.control_branch import build
+
+    base, pairs = tiny_base(), evaluation_pairs(4, 64, seed=5)
+    control = build("controlnet", base)
+    assert evaluate(base, control, pairs, steps=1, batch_size=2, deadline=time.time() - 1) == {"pairs": 0}
+    scores = evaluate(base, control, pairs, steps=1, batch_size=2)
+    assert scores["pairs"] == 4 and 0 <= scores["fidelity_iou"] <= 1

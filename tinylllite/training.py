@@ -157,7 +157,7 @@ def optimizer_step(optimizer, scaler, params: list[torch.nn.Parameter], max_grad
     if max_grad_norm:
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     if scaler:
-        scaler.step(optimizer)  # reads found_inf back from the device: fp16's one host sync per step
+        scaler.step(optimizer)  # fused AdamW takes found_inf on the device; other optimizers read it back
         scaler.update()
     else:
         optimizer.step()

@@ -17,6 +17,7 @@ import torch
 
 from tinylllite.sd.base import StableDiffusionBase
 from tinylllite.errors import InputError
+from tinylllite.files.sd_loading import load_base_or_tiny
 
 
 @dataclass

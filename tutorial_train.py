@@ -31,7 +31,7 @@ from tinylllite.data.datasets import load_rgb
 from tinylllite.data.fidelity import evaluation_pairs
 from tinylllite.errors import InputError, run_command
 from tinylllite.files import checkpoint, control_io
-from tinylllite.files.atomic import writable_folder
+from tinylllite.files.atomic import refuse_unwritable
 from tinylllite.files.identify import identify
 from tinylllite.files.run_lock import RunLock
 from tinylllite.files.sd_loading import load_base_or_tiny
@@ -221,7 +221,7 @@ def train(args, settings: dict, preset: str | None, out: Path, stop, base, world
     """The run itself: data, branch, optimizer, then the loop (under the run folder's lock)."""
     s = argparse.Namespace(**settings)
     if s.cache:
-        writable_folder(args.cache_dir, "--cache-dir")
+        refuse_unwritable(args.cache_dir, "--cache-dir", inside=True)  # made when the cache is filled
     if base is None:
         base = load_base_or_tiny(args.base)
     if s.threads:

@@ -211,6 +211,8 @@ def main(argv=None, base=None):
     out = run_folder(args, stop.started)
     # the folders are checked before anything slow: a run that cannot write ends in one line, at once.
     # One writer per run folder: rank 0 holds the lock until it ends.
+    if rank == 0:
+        refuse_other_runs(out, bool(args.resume_from))  # before the lock, which would add its file to the folder
     with RunLock(out) if rank == 0 else contextlib.nullcontext():
         if rank == 0:
             refuse_other_runs(out, bool(args.resume_from))

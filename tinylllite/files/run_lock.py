@@ -24,7 +24,8 @@ class RunLock:
     LOCK_NAME = LOCK_NAME
 
     def __init__(self, run_dir):
-        self.created = not Path(run_dir).exists()
+        missing = [p for p in [Path(run_dir), *Path(run_dir).parents] if not p.exists()]
+        self.created = missing  # the folders this lock makes, deepest first: a failed run removes them again
         self.run_dir = writable_folder(Path(run_dir), "run")
         self.path = self.run_dir / LOCK_NAME
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -51,4 +52,7 @@ class RunLock:
         self.release()
         if exc_type is not None and self.created and [p.name for p in self.run_dir.iterdir()] == [LOCK_NAME]:
             self.path.unlink(missing_ok=True)
-            self.run_dir.rmdir()
+            for folder in self.created:
+                if any(folder.iterdir()):
+                    break
+                folder.rmdir()

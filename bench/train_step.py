@@ -37,7 +37,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import common
 from common import control_branch, hint, training
 
-IMPLEMENTATIONS = ("tinylllite", "diffusers", "lllite", "tinylllite-compiled", "lllite-compiled")
+EAGER = ("tinylllite", "diffusers", "lllite")  # the default set: compiling takes minutes, so it is asked for
+IMPLEMENTATIONS = (*EAGER, "tinylllite-compiled", "lllite-compiled")
 LEARNING_RATE = 1e-5  # the original's; the speed does not depend on it
 MAX_GRAD_NORM = 1.0  # diffusers' default; tinylllite's --max-grad-norm 1.0
 LOG_EVERY = 10  # tutorial_train.py's default: the loss and NaN flags are read once per 10 steps
@@ -208,7 +209,7 @@ def break_even(compiled: dict, eager: dict) -> int | None:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_common_args(parser, steps=5, warmup=2, batch=4)
-    parser.add_argument("--impls", default=",".join(IMPLEMENTATIONS),
+    parser.add_argument("--impls", default=",".join(EAGER),
                         help=f"comma list of {', '.join(IMPLEMENTATIONS)} (one alone: a clean memory number)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--fused-adamw", action="store_true", help="lever: fused AdamW for tinylllite's optimizers")

@@ -547,9 +547,8 @@ def test_hint_tensor_is_contiguous_for_every_input(hint, batch):
 
 def test_the_sample_command_matches_diffusers_controlnet_pipeline_exactly(run, inputs, tmp_path):
     """The shipped tiny ControlNet at CFG 9: the sample command's PNG is diffusers' pipeline's image, bit for bit."""
-    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+    from tiny_models import diffusers_pipeline
 
-    import tinylllite.sample as sample_module
     from tinylllite.files.checkpoint import load_control
     from tinylllite.sd.tiny_sd import load_tiny_sd
 
@@ -562,74 +561,12 @@ def test_the_sample_command_matches_diffusers_controlnet_pipeline_exactly(run, i
 
     base = load_tiny_sd()
     control = load_control(base, CONTROLS / "controlnet.safetensors")
-    reference = ControlNetModel.from_unet(base.unet, conditioning_channels=3)
-    reference.load_state_dict(control.state_dict())  # diffusers' keys, one for one
-    pipe = StableDiffusionControlNetPipeline(
-        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
-        controlnet=reference.eval(), scheduler=sample_module.make_sampler(base, "ddim"), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = diffusers_pipeline(base, control)
     hint = torch.from_numpy(hint_image()).permute(2, 0, 1)[None].contiguous().float() / 255  # (1, 3, H, W)
     theirs = pipe([prompt], image=hint, num_inference_steps=4, guidance_scale=9.0, eta=0.0, output_type="np",
                   generator=[torch.Generator().manual_seed(3)], height=64, width=64).images[0]
     theirs = np.round(theirs * 255).astype(np.uint8)
     assert np.array_equal(ours, theirs), np.abs(ours.astype(int) - theirs).max()
-
-
-@pytest.fixture(scope="module")
-def random_controlnet():
-    """test_sample.py's setup: a random tiny SD1-layout base and a ControlNet whose zero convs and hint encoder
-    are no longer zero, so the hint and the control visibly change the output."""
-    from tiny_models import tiny_base
-
-    from tinylllite.controlnet import ControlNet
-
-    base = tiny_base()
-    torch.manual_seed(0)
-    control = ControlNet.from_unet(base.unet)
-    with torch.no_grad():
-        for zero in [*control.controlnet_down_blocks, control.controlnet_mid_block]:
-            zero.weight.normal_(std=0.5)
-        for conv in control.controlnet_cond_embedding.modules():
-            if isinstance(conv, torch.nn.Conv2d):
-                conv.weight.normal_(std=0.2)
-    return base, control.eval()
-
-
-@pytest.mark.parametrize("hints", ["uint8 arrays", "a permuted float tensor"])
-@pytest.mark.parametrize("knobs", [dict(), dict(cfg=1.0), dict(guess_mode=True),
-                                   dict(strength=0.8, control_start=0.25, control_end=0.75)],
-                         ids=["cfg 9", "cfg 1", "guess mode", "window"])
-def test_sampling_matches_diffusers_controlnet_pipeline_to_the_last_bit(random_controlnet, knobs, hints):
-    """test_sample.py's comparison with StableDiffusionControlNetPipeline (which allows 1 level), made exact."""
-    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
-
-    import tinylllite.sample as sample_module
-
-    base, control = random_controlnet
-    reference = ControlNetModel.from_unet(base.unet)
-    reference.load_state_dict(control.state_dict())
-    pipe = StableDiffusionControlNetPipeline(
-        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
-        controlnet=reference.eval(), scheduler=sample_module.make_sampler(base, "ddim"), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    images = np.stack([hint_image(), np.roll(hint_image(), 12, axis=1)])  # (2, H, W, 3)
-    permuted = torch.from_numpy(images).permute(0, 3, 1, 2) / 255  # (2, 3, H, W), strides of (2, H, W, 3)
-    prompts = ["red circle with blue background", "blue circle with red background"]
-    knobs = dict(knobs)
-    cfg = knobs.pop("cfg", 9.0)
-    ours = sample_module.sample(base, prompts, control, images if hints == "uint8 arrays" else permuted, steps=4,
-                                cfg=cfg, seed=3, **knobs)
-    theirs = pipe(prompts, image=permuted.contiguous(), num_inference_steps=4, guidance_scale=cfg, eta=0.0,
-                  output_type="np", generator=[torch.Generator().manual_seed(3 + i) for i in range(2)], height=64,
-                  width=64, controlnet_conditioning_scale=knobs.get("strength", 1.0),
-                  guess_mode=knobs.get("guess_mode", False), control_guidance_start=knobs.get("control_start", 0.0),
-                  control_guidance_end=knobs.get("control_end", 1.0)).images
-    theirs = np.round(theirs * 255).astype(np.uint8)
-    differ = ours != theirs
-    assert not differ.any(), f"{differ.any(axis=-1).sum()} pixels differ, by up to " \
-                             f"{np.abs(ours.astype(int) - theirs).max()} levels"
 
 
 # --- 11. Ctrl-C while making a dataset ---------------------------------------------------------------------

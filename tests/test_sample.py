@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_models import tiny_base
+from tiny_models import diffusers_pipeline, tiny_base
 
 import tinylllite.sample as sample_module
 from tinylllite import controlnet
@@ -135,29 +135,30 @@ def hint_reading_controlnet(trained_like_controlnet):
     return control
 
 
-@pytest.mark.parametrize("knobs", [dict(), dict(guess_mode=True),
+@pytest.mark.parametrize("hints", ["uint8 arrays", "a permuted float tensor"])
+@pytest.mark.parametrize("knobs", [dict(), dict(cfg=1.0), dict(guess_mode=True),
                                    dict(strength=0.8, control_start=0.25, control_end=0.75)],
-                         ids=["cfg", "guess-mode", "window"])
-def test_sampling_matches_diffusers_controlnet_pipeline(base, hint, hint_reading_controlnet, knobs):
-    """Same weights, DDIM, CFG 9, seeds and knobs as StableDiffusionControlNetPipeline: the same images (+-1 level)."""
-    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
-
-    reference = ControlNetModel.from_unet(base.unet)
-    reference.load_state_dict(hint_reading_controlnet.state_dict())  # diffusers' keys, one for one
-    pipe = StableDiffusionControlNetPipeline(
-        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
-        controlnet=reference.eval(), scheduler=sample_module.make_sampler(base, "ddim"), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    hints = torch.from_numpy(np.stack([hint, np.roll(hint, 12, axis=1)])).permute(0, 3, 1, 2) / 255  # (2, 3, H, W)
+                         ids=["cfg", "cfg-1", "guess-mode", "window"])
+def test_sampling_matches_diffusers_controlnet_pipeline(base, hint, hint_reading_controlnet, knobs, hints):
+    """Same weights, DDIM, CFG, seeds and knobs as StableDiffusionControlNetPipeline: the same images, to the last bit,
+    whether the hints come as uint8 arrays or as a permuted float tensor (made contiguous, as the pipeline does)."""
+    pipe = diffusers_pipeline(base, hint_reading_controlnet)
+    images = np.stack([hint, np.roll(hint, 12, axis=1)])  # (2, H, W, 3)
+    permuted = torch.from_numpy(images).permute(0, 3, 1, 2) / 255  # (2, 3, H, W), strides of (2, H, W, 3)
     prompts = [PROMPT, "blue circle with red background"]
-    ours = sample(base, prompts, hint_reading_controlnet, hints, steps=4, cfg=9.0, seed=3, **knobs)
-    theirs = pipe(prompts, image=hints, num_inference_steps=4, guidance_scale=9.0, eta=0.0, output_type="np",
-                  generator=[torch.Generator().manual_seed(3 + i) for i in range(2)], height=SIZE, width=SIZE,
-                  controlnet_conditioning_scale=knobs.get("strength", 1.0), guess_mode=knobs.get("guess_mode", False),
-                  control_guidance_start=knobs.get("control_start", 0.0),
+    knobs = dict(knobs)
+    cfg = knobs.pop("cfg", 9.0)
+    ours = sample(base, prompts, hint_reading_controlnet, images if hints == "uint8 arrays" else permuted, steps=4,
+                  cfg=cfg, seed=3, **knobs)
+    theirs = pipe(prompts, image=permuted.contiguous(), num_inference_steps=4, guidance_scale=cfg, eta=0.0,
+                  output_type="np", generator=[torch.Generator().manual_seed(3 + i) for i in range(2)], height=SIZE,
+                  width=SIZE, controlnet_conditioning_scale=knobs.get("strength", 1.0),
+                  guess_mode=knobs.get("guess_mode", False), control_guidance_start=knobs.get("control_start", 0.0),
                   control_guidance_end=knobs.get("control_end", 1.0)).images
-    assert np.abs(ours.astype(int) - np.round(theirs * 255).astype(int)).max() <= 1
+    theirs = np.round(theirs * 255).astype(np.uint8)
+    differ = ours != theirs
+    assert not differ.any(), f"{differ.any(axis=-1).sum()} pixels differ, by up to " \
+                             f"{np.abs(ours.astype(int) - theirs).max()} levels"
     assert not np.array_equal(ours[0], ours[1])
 
 

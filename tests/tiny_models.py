@@ -92,3 +92,20 @@ def tiny_base(family: str = "sd1", seed: int = 0) -> StableDiffusionBase:
         )
     return StableDiffusionBase(family=family, unet=tiny_unet(seed=seed), vae=tiny_vae(seed),
                                text_encoder=tiny_text_encoder(seed), tokenizer=clip_tokenizer())
+
+
+def diffusers_pipeline(base: StableDiffusionBase, control):
+    """diffusers' StableDiffusionControlNetPipeline on the base's own parts and a ControlNetModel holding `control`'s
+    weights (its keys are diffusers' own), with tinylllite's DDIM settings: the reference sampling is compared to."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    from tinylllite.sample import make_sampler
+
+    reference = ControlNetModel.from_unet(base.unet)
+    reference.load_state_dict(control.state_dict())  # diffusers' keys, one for one
+    pipe = StableDiffusionControlNetPipeline(
+        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
+        controlnet=reference.eval(), scheduler=make_sampler(base, "ddim"), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -305,17 +305,18 @@ def train(args, settings: dict, preset: str | None, out: Path, stop, base, world
             finite.next_step()
             step, window_steps = step + 1, window_steps + 1
             progress.update()
-            if step % s.log_every == 0:
+            logging, saving = step % s.log_every == 0, step % s.checkpoint_every == 0
+            if logging or saving:
+                finite.read(scaler)  # the NaN flags, once: with the log line, and never a checkpoint of NaN weights
+            if logging:
                 last_loss, window_steps = mean_loss(window, window_steps, world), 0
                 window.zero_()
-                finite.read(scaler)
                 progress.set_postfix(loss=f"{last_loss:.4f}", minutes=f"{stop.minutes():.1f}")
                 if rank == 0:
                     log.loss(step, last_loss, optimizer.param_groups[0]["lr"])
             if rank == 0:
                 log.after_step(step)
-            if step % s.checkpoint_every == 0:
-                finite.read(scaler)  # never a checkpoint of NaN weights
+            if saving:
                 save(base, control, optimizer, scaler, out, step, effective, s.keep_checkpoints, rank, settings)
     progress.close()
     if window_steps:

@@ -140,3 +140,17 @@ def test_an_evaluation_that_would_end_past_the_deadline_is_shortened_and_says_ho
     assert evaluate(base, control, pairs, steps=1, batch_size=2, deadline=time.time() - 1) == {"pairs": 0}
     scores = evaluate(base, control, pairs, steps=1, batch_size=2)
     assert scores["pairs"] == 4 and 0 <= scores["fidelity_iou"] <= 1
+
+
+def test_a_resume_without_data_flag_trains_on_the_runs_own_data(data, tmp_path, monkeypatch):
+    """--resume-from alone reads the run's recorded --data; nothing is written in the working folder's ./training."""
+    import tutorial_train
+    from tiny_models import tiny_base
+
+    out = tmp_path / "run"
+    train(data, out, "--max-steps", 1, "--batch-size", 2)
+    monkeypatch.chdir(tmp_path)  # a folder without ./training: the default data would have to be written here
+    result = tutorial_train.main(["--resume-from", str(out), "--max-steps", "2", "--cache-dir", str(tmp_path / "c")],
+                                 base=tiny_base())
+    assert result["step"] == 2 and not (tmp_path / "training").exists()
+    assert json.loads((out / "config_resume_1.json").read_text())["data"] == str(data)

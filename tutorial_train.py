@@ -35,7 +35,7 @@ from tinylllite.files.atomic import refuse_unwritable
 from tinylllite.files.identify import identify
 from tinylllite.files.run_lock import RunLock
 from tinylllite.files.sd_loading import load_base_or_tiny
-from tinylllite.run import batches, image_log, options, stopping
+from tinylllite.run import batches, cores, ema, image_log, options, stopping
 from tinylllite.sd.base import check_image_size
 
 # ---- Configs: what `python tutorial_train.py` runs (the tiny SD on a CPU), one block per --control ------------
@@ -53,7 +53,10 @@ CONTROLNET = dict(
     only_mid_control=False,
     prompt_dropout=0.0,  # fraction of empty prompts (the paper: 0.5)
     timestep_sampling="uniform",  # uniform, as SD was trained, or cubic: more noisy timesteps
-    snr_gamma=5.0,  # Min-SNR loss weighting (Hang et al. 2023): min(SNR, 5) / SNR; None or 0 = plain MSE
+    snr_gamma=5.0,  # the clip of the loss weighting below; None or 0 = plain MSE
+    loss_weighting="min-snr",  # min-snr: min(SNR, 5) / SNR (Hang et al. 2023); x0: min(1 / SNR, 5), the clean latent's
+    ema_decay=0.0,  # evaluate and export an exponential moving average of the weights (e.g. 0.999); 0 = off
+    lr_decay=0.0,  # the last fraction of the budget (minutes or steps) over which lr falls to 0 (cosine); 0 = constant
     max_grad_norm=None,  # the original does not clip
     mixed_precision="fp32",
     gradient_checkpointing=False,
@@ -74,7 +77,7 @@ CONTROLNET = dict(
     checkpoint_every=500,
     keep_checkpoints=3,
     seed=0,
-    threads=None,  # None: torch's own choice, one thread per core
+    threads=None,  # None: one per core that other processes leave free, re-checked at every log line (run/cores.py)
 )
 # LLLite wraps every block: the tiny UNet has one transformer per level (kohya's SD1 set, input only, would be
 # 12 modules).
@@ -187,6 +190,40 @@ def refuse_other_runs(out: Path, resuming: bool) -> None:
                          f"--resume-from {out}")
 
 
+def fit_memory(args, settings: dict, base, resolution: int, free_bytes: int, rank: int = 0) -> dict:
+    """The run's estimated peak GPU memory (tinylllite/run/memory.py, docs/memory.md) beside the card's free memory.
+
+    A run that would not fit is refused before its data is cached or a step is taken, naming the switches that
+    would fit; `--fit-memory` turns on the first such set instead (said aloud), `--fit-memory warn` runs anyway.
+    Returns the settings the run trains with."""
+    from tinylllite.run import memory
+
+    estimate, problem = memory.training_fit(args, free_bytes, settings, family=base.family, resolution=resolution)
+    if rank == 0:
+        print(f"GPU memory: about {estimate.peak / memory.GIB:.1f} GiB estimated peak for "
+              f"{estimate.config.describe()}; {free_bytes / memory.GIB:.1f} GiB free")
+    if problem is None:
+        return settings
+    if args.fit_memory == "warn":
+        print(f"warning: {problem} (--fit-memory warn: running anyway)")
+        return settings
+    switches = memory.fitting_switches(estimate.config, free_bytes) if args.fit_memory == "pick" else None
+    if not switches:
+        advice = ("" if args.fit_memory == "pick" else
+                  "; --fit-memory turns on the first switches that fit, --fit-memory warn runs anyway")
+        raise InputError(f"{problem}{advice}")
+    if rank == 0:
+        print(f"--fit-memory: turning on {' '.join(memory.FLAGS[name] for name in switches)} to fit")
+    return dict(settings, **{name: True for name in switches})
+
+
+def share_cores(threads: "cores.ThreadBudget | None") -> None:
+    """Follow the cores other processes use (a thread count that no longer fits is changed, and said)."""
+    change = threads.update() if threads is not None else None
+    if change:
+        tqdm.write(change)
+
+
 def mean_loss(window: torch.Tensor, steps: int, world: int) -> float:
     """The mean step loss since the last log line, over every process: the one device read of a log step."""
     if world > 1:
@@ -226,10 +263,14 @@ def train(args, settings: dict, preset: str | None, out: Path, stop, base, world
         refuse_unwritable(args.cache_dir, "--cache-dir", inside=True)  # made when the cache is filled
     if base is None:
         base = load_base_or_tiny(args.base)
-    if s.threads:
-        torch.set_num_threads(s.threads)
-    base.to(device)
+    # CPU threads: --threads, or one per core that other processes leave free, looked at again at every log line
+    threads = cores.ThreadBudget(s.threads) if device.type == "cpu" else None
     dataset, data_dir = open_data(args, settings, base, base.family == "tiny", rank)
+    if device.type == "cuda":  # before anything is on the card: will the run fit in its free memory?
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+        settings = fit_memory(args, settings, base, max(dataset[0]["hint"].shape[:2]), free_bytes, rank)
+        s = argparse.Namespace(**settings)
+    base.to(device)
     torch.manual_seed(s.seed)  # the fresh branch's initial weights
     control = control_branch.build(args.control, base, settings.get("cond_emb_dim", 0), settings.get("mlp_dim", 0),
                                    settings.get("lllite_blocks")).to(device)
@@ -248,13 +289,15 @@ def train(args, settings: dict, preset: str | None, out: Path, stop, base, world
     scheduler = training.training_scheduler(base)
     # the loss as a module: torch's DistributedDataParallel averages exactly the trained parameters' gradients
     # (bucketed, overlapping the backward pass) and starts every process from rank 0's weights
-    loss_module = training.TrainingLoss(base, control, scheduler, params, s.snr_gamma, s.only_mid_control)
+    loss_module = training.TrainingLoss(base, control, scheduler, params, s.snr_gamma, s.only_mid_control,
+                                        s.loss_weighting)
     if world > 1:
         loss_module = torch.nn.parallel.DistributedDataParallel(
             loss_module, device_ids=[device.index] if device.type == "cuda" else None)
     loss_fn = torch.compile(loss_module) if s.compile else loss_module
     heldout, trainable_items = heldout_pairs(settings, base, dataset, args.eval_seed)
     n_items = min(args.max_train_samples or trainable_items, trainable_items)
+    share_cores(threads)
     cache = open_cache(args.cache_dir, base, dataset, n_items, rank, stop) if s.cache else None
     if s.cache and cache is None:
         stop.out_of_time = True  # the run ends at once, with a checkpoint
@@ -262,15 +305,17 @@ def train(args, settings: dict, preset: str | None, out: Path, stop, base, world
     stream = batches.SampleStream(dataset, s.seed, n_items, base.vae.config.latent_channels, base.vae_scale_factor,
                                   scheduler.config.num_train_timesteps, s.prompt_dropout, s.timestep_sampling)
     effective = s.batch_size * s.gradient_accumulation * world
+    average = ema.WeightAverage(params, s.ema_decay) if s.ema_decay else None
     step = 0
     if args.resume_from:
         step = checkpoint.resume_training(args.resume_from, base, control, optimizer, scaler, effective,
-                                          s.learning_rate)
+                                          s.learning_rate, average)
     train_batches = batches.training_batches(stream, encode, device, step, s.batch_size, s.gradient_accumulation,
                                              world, rank, s.data_workers)
     validation = validation_pairs(args, base)
     log = image_log.RunLog(out, settings, base, control, dataset, validation, stop, heldout,
-                           resumed_at=step if args.resume_from else None) if rank == 0 else None
+                           resumed_at=step if args.resume_from else None,
+                           weights=average.applied if average else None) if rank == 0 else None
     if rank == 0:
         resumed = f"resumed at step {step} from {checkpoint.resolve_checkpoint(args.resume_from)}; " if args.resume_from else ""
         print(f"{resumed}{preset or 'tiny-SD'} settings ({args.control}): base {args.base} ({base.family}), "
@@ -280,6 +325,7 @@ def train(args, settings: dict, preset: str | None, out: Path, stop, base, world
         log.write_config(dict(control=args.control, preset=preset, base=args.base, data=str(data_dir),
                               eval_seed=args.eval_seed, resume_from=args.resume_from, resume_path=args.resume_path))
         if step == 0 and not stop.out_of_time:
+            share_cores(threads)
             log.after_step(0)
 
     autocast = training.autocast(device, s.mixed_precision)
@@ -291,6 +337,9 @@ def train(args, settings: dict, preset: str | None, out: Path, stop, base, world
             # one optimizer step over the effective batch: micro-batches of this process, then all processes.
             # Nothing here reads the device; the loss and the NaN check are read with the log line.
             optimizer.zero_grad(set_to_none=True)
+            if s.lr_decay:  # a host number: the schedule reads the step and the clock, never the device
+                for group in optimizer.param_groups:
+                    group["lr"] = s.learning_rate * training.learning_rate_scale(stop.progress(step), s.lr_decay)
             for micro in range(s.gradient_accumulation):
                 last_micro = micro == s.gradient_accumulation - 1  # DDP averages gradients on this one only
                 batch = next(train_batches)  # this process's slice of the run's samples, prepared ahead
@@ -302,6 +351,8 @@ def train(args, settings: dict, preset: str | None, out: Path, stop, base, world
                     (scaler.scale(loss) if scaler else loss).backward()
                 window += loss.detach()
             training.optimizer_step(optimizer, scaler, params, s.max_grad_norm, finite)
+            if average:
+                average.update()
             finite.next_step()
             step, window_steps = step + 1, window_steps + 1
             progress.update()
@@ -309,6 +360,7 @@ def train(args, settings: dict, preset: str | None, out: Path, stop, base, world
             if logging or saving:
                 finite.read(scaler)  # the NaN flags, once: with the log line, and never a checkpoint of NaN weights
             if logging:
+                share_cores(threads)
                 last_loss, window_steps = mean_loss(window, window_steps, world), 0
                 window.zero_()
                 progress.set_postfix(loss=f"{last_loss:.4f}", minutes=f"{stop.minutes():.1f}")
@@ -317,12 +369,12 @@ def train(args, settings: dict, preset: str | None, out: Path, stop, base, world
             if rank == 0:
                 log.after_step(step)
             if saving:
-                save(base, control, optimizer, scaler, out, step, effective, s.keep_checkpoints, rank, settings)
+                save(base, control, optimizer, scaler, out, step, effective, s.keep_checkpoints, rank, settings, average)
     progress.close()
     if window_steps:
         last_loss = mean_loss(window, window_steps, world)
     finite.read(scaler)
-    save(base, control, optimizer, scaler, out, step, effective, s.keep_checkpoints, rank, settings)
+    save(base, control, optimizer, scaler, out, step, effective, s.keep_checkpoints, rank, settings, average)
     if rank == 0:
         log.finish(step, last_loss)
     if world > 1:
@@ -331,10 +383,10 @@ def train(args, settings: dict, preset: str | None, out: Path, stop, base, world
 
 
 def save(base, control, optimizer, scaler, out: Path, step: int, effective: int, keep: int, rank: int,
-         settings: dict) -> None:
-    """A checkpoint of the trained weights and everything a resume needs (rank 0 writes it)."""
+         settings: dict, average=None) -> None:
+    """A checkpoint of the trained weights (or their EMA) and everything a resume needs (rank 0 writes it)."""
     if rank == 0:
-        checkpoint.save_training(out, step, base, control, optimizer, scaler, effective, keep, settings)
+        checkpoint.save_training(out, step, base, control, optimizer, scaler, effective, keep, settings, average)
 
 
 if __name__ == "__main__":

@@ -56,7 +56,17 @@ VARIANTS = {
     "lllite-c16-m32": ("lllite", MSE + ["--cond-emb-dim", "16", "--mlp-dim", "32"], "narrower LLLite modules"),
     "lllite-b8": ("lllite", MSE + ["--batch-size", "8"], "half the batch at the same rate"),
     "lllite-input-only": ("lllite", MSE + ["--lllite-blocks", "input"], "kohya's SD1 block set (input blocks only)"),
+    # the third round asks what brings the end of a default-length run (about 2,000 steps) closer to the ceiling,
+    # on top of today's defaults (Min-SNR-5), with a longer budget (LONG_SAMPLES) than the take-off rounds above
+    "controlnet-long": ("controlnet", [], "today's defaults, run longer (the third round's baseline)"),
+    "controlnet-lr-decay": ("controlnet", ["--lr-decay", "0.3"], "lr falls to 0 (cosine) over the last 30 %"),
+    "controlnet-x0": ("controlnet", ["--loss-weighting", "x0"], "x0 supervision: eps loss x min(1 / SNR, 5)"),
+    "lllite-long": ("lllite", [], "today's defaults, run longer (the third round's baseline)"),
+    "lllite-lr-decay": ("lllite", ["--lr-decay", "0.3"], "lr falls to 0 (cosine) over the last 30 %"),
+    "lllite-x0": ("lllite", ["--loss-weighting", "x0"], "x0 supervision: eps loss x min(1 / SNR, 5)"),
 }
+LONG = {"controlnet-long", "controlnet-lr-decay", "controlnet-x0", "lllite-long", "lllite-lr-decay", "lllite-x0"}
+LONG_SAMPLES = 24_000  # 1,500 steps at batch 16: where a default job's curve flattens, not where it takes off
 
 
 def run_one(name: str, seed: int, samples: int, samples_per_eval: int, eval_pairs: int, data: Path,
@@ -64,6 +74,7 @@ def run_one(name: str, seed: int, samples: int, samples_per_eval: int, eval_pair
     """Train one variant with one seed in its own process (one thread); returns its run folder."""
     branch, flags, _ = VARIANTS[name]
     flags = flags + extra
+    samples = LONG_SAMPLES if name in LONG else samples
     batch = int(flags[flags.index("--batch-size") + 1]) if "--batch-size" in flags else 16
     out = RESULTS / "convergence" / name / f"seed{seed}"
     if (out / "metrics.jsonl").exists():

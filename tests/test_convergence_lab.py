@@ -23,7 +23,7 @@ def test_every_lab_variant_is_a_command_line_tutorial_train_accepts(name):
     settings, preset = tutorial_train.resolve_settings(args, tiny=True)
 
     assert preset is None and settings["threads"] == 1 and settings["cache"] is False
-    assert settings["snr_gamma"] == (5.0 if "minsnr5" in name else 0.0)
+    assert settings["snr_gamma"] == (0.0 if flags[:2] == convergence.MSE else 5.0)
 
 
 def test_the_first_crossing_is_the_first_evaluation_at_or_above_the_threshold():

@@ -230,3 +230,56 @@ def test_the_table_takes_the_largest_batch_with_every_switch_then_drops_the_swit
     table = memory.fits_table(cards=(8, 2), setups=(("Tiny", "tiny", 64),), controls=("lllite",))
     # (8 GiB - 0.5 GiB context) / 1.1 = 6.8 GiB for the peak: 23 samples with checkpointing; 2 GB: 1.3 GiB, 1 sample
     assert table.splitlines()[-2:] == ["| 8 GB | 23 (GC) |", "| 2 GB | 1 (GC) |"]
+
+
+def tiny_training_settings(*flags):
+    import tutorial_train
+
+    args = tutorial_train.parse_args(list(flags))
+    settings, _ = tutorial_train.resolve_settings(args, tiny=True)
+    return args, dict(settings, batch_size=8)
+
+
+def test_on_cuda_the_training_script_refuses_a_run_that_would_not_fit_naming_the_switches_that_would(monkeypatch):
+    """tutorial_train.fit_memory (called on CUDA before the data is cached): over the card's free memory is one
+    line naming what would fit and --fit-memory; nothing is changed silently."""
+    import tutorial_train
+    from tinylllite.errors import InputError
+
+    monkeypatch.setattr(memory, "estimate", linear_model({(False, False): 1.0, (True, False): 0.5,
+                                                          (False, True): 0.9, (True, True): 0.4}))
+    args, settings = tiny_training_settings()
+    base = argparse.Namespace(family="tiny")
+    with pytest.raises(InputError) as refused:
+        tutorial_train.fit_memory(args, settings, base, 64, int(6 * memory.GIB))
+    message = str(refused.value)
+    assert "\n" not in message and "--gradient-checkpointing (5.0 GiB)" in message and "--fit-memory" in message
+    assert tutorial_train.fit_memory(args, settings, base, 64, int(10 * memory.GIB)) is settings  # 9 GiB fits
+
+
+def test_fit_memory_turns_on_the_cheapest_switches_that_fit_and_warn_runs_as_asked(monkeypatch, capsys):
+    """--fit-memory picks gradient checkpointing (5 GiB of 6 free) and says so; --fit-memory warn changes nothing."""
+    import tutorial_train
+
+    monkeypatch.setattr(memory, "estimate", linear_model({(False, False): 1.0, (True, False): 0.5,
+                                                          (False, True): 0.9, (True, True): 0.4}))
+    base = argparse.Namespace(family="tiny")
+    args, settings = tiny_training_settings("--fit-memory")
+    picked = tutorial_train.fit_memory(args, settings, base, 64, int(6 * memory.GIB))
+    assert picked == dict(settings, gradient_checkpointing=True)
+    assert "--fit-memory: turning on --gradient-checkpointing" in capsys.readouterr().out
+    args, settings = tiny_training_settings("--fit-memory", "warn")
+    assert tutorial_train.fit_memory(args, settings, base, 64, int(6 * memory.GIB)) == settings
+    assert "warning:" in capsys.readouterr().out
+
+
+def test_the_training_scripts_memory_check_estimates_the_real_tiny_run():
+    """Unpatched: the tiny run's real estimate fits a 1 GiB card, and not a 1 MiB one (refused in one line)."""
+    import tutorial_train
+    from tinylllite.errors import InputError
+
+    args, settings = tiny_training_settings()
+    base = argparse.Namespace(family="tiny")
+    assert tutorial_train.fit_memory(args, settings, base, 64, memory.GIB) is settings
+    with pytest.raises(InputError, match="GiB free"):
+        tutorial_train.fit_memory(args, settings, base, 64, 2 ** 20)

@@ -109,11 +109,11 @@ def test_unlocking_the_decoder_of_a_locked_run_on_resume_is_refused_in_one_line(
 def test_more_threads_than_usable_cores_are_refused_where_the_flag_is_parsed(capsys):
     """--threads 1000 on a machine with a few cores is refused naming the usable count."""
     import tutorial_train
-    from tinylllite.run.options import usable_cores
+    from tinylllite.run.cores import usable_cores
 
     with pytest.raises(SystemExit):
-        tutorial_train.parse_args(["--threads", str(usable_cores() + 1)])
-    assert f"for {usable_cores()} usable cores" in capsys.readouterr().err
+        tutorial_train.parse_args(["--threads", str(len(usable_cores()) + 1)])
+    assert f"for {len(usable_cores())} usable cores" in capsys.readouterr().err
 
 
 def test_a_run_whose_time_is_spent_before_its_first_step_still_ends_with_a_checkpoint(data, tmp_path):

@@ -1,5 +1,6 @@
 """The training loop of tutorial_train.py on tiny CPU models: accumulation, caching, precision, NaN guard, SDXL, LLLite."""
 import json
+import math
 import os
 import signal
 from pathlib import Path
@@ -183,6 +184,35 @@ def test_min_snr_weights_clip_high_snr_timesteps_only():
     snr = scheduler.alphas_cumprod[t] / (1 - scheduler.alphas_cumprod[t])
     weights_ = training.min_snr_weights(scheduler, t, gamma=5.0)
     torch.testing.assert_close(weights_, torch.stack([torch.tensor(1.0), 5.0 / snr[1]]))
+
+
+def test_x0_weighting_is_the_eps_loss_over_snr_clipped_at_gamma():
+    """Clean-latent supervision: weight 1 / SNR (the x0 error of an eps prediction), at most gamma on noisy steps."""
+    scheduler = training.training_scheduler(tiny_base())
+    t = torch.tensor([999, 500, 0])
+    snr = scheduler.alphas_cumprod[t] / (1 - scheduler.alphas_cumprod[t])
+    weights_ = training.clean_latent_weights(scheduler, t, clip=5.0)
+    torch.testing.assert_close(weights_, torch.clamp(1 / snr, max=5.0))
+    assert weights_[0] == 5.0 and weights_[2] < 1e-3  # the noisiest step is clipped, the cleanest nearly ignored
+
+
+def test_the_learning_rate_is_constant_then_falls_along_a_cosine_to_zero_over_the_last_fraction():
+    assert [training.learning_rate_scale(p, 0.0) for p in (0.0, 0.9, 1.0)] == [1.0, 1.0, 1.0]
+    assert training.learning_rate_scale(0.69, 0.3) == 1.0
+    assert training.learning_rate_scale(0.85, 0.3) == pytest.approx(0.5)
+    assert training.learning_rate_scale(1.0, 0.3) == pytest.approx(0.0)
+
+
+def test_lr_decay_over_max_steps_ends_the_run_near_zero_and_records_each_rate(data, tmp_path):
+    """--lr-decay 0.5 with --max-steps 8: the first half at the full rate, then down (step k trains at the rate of
+    progress (k - 1) / 8, so the last at cos^2(3 pi / 8) of it); metrics.jsonl records the rate each step used."""
+    train(data, tmp_path / "run", "--max-steps", "8", "--log-every", "1", "--lr-decay", "0.5")
+    rates = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if '"lr"' in line]
+    full = rates[0]  # the preset's rate (this random base gets the sd15 preset)
+    assert rates[:5] == [full] * 5
+    assert rates[-1] == pytest.approx(full * math.cos(3 * math.pi / 8) ** 2)
+    assert all(a > b for a, b in zip(rates[4:], rates[5:]))
 
 
 def test_the_optimizer_is_torchs_fused_adamw_on_the_cpu_too():

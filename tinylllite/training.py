@@ -6,7 +6,8 @@ with the "scaled linear" betas 0.00085 .. 0.012; plain MSE against eps (or v for
 Adds what diffusers' and kohya's trainers offer: Min-SNR-gamma loss weighting (Hang et al. 2023), mixed
 precision, gradient checkpointing, 8-bit Adam, and a NaN guard that never makes the CPU wait for the GPU.
 How a batch is drawn and encoded is `run/batches.py`; the loop is tutorial_train.py.
-Left out: EMA, LR schedules, offset noise.
+Adds, measured on the tiny SD: x0 (clean-latent) loss weighting and a learning rate that decays over
+the end of the run's budget. Left out: offset noise.
 """
 import math
 from contextlib import nullcontext
@@ -36,9 +37,27 @@ def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: fl
     return clipped / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else clipped / snr
 
 
+def clean_latent_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, clip: float) -> torch.Tensor:
+    """x0 supervision as a weight on the eps (or v) loss, clipped: min(1 / SNR, clip), or min(1 / (SNR + 1), clip).
+
+    The error of the clean latent predicted from eps is |x0' - x0|^2 = |eps' - eps|^2 (1 - a_t) / a_t, i.e. the eps
+    loss over SNR (from v: times 1 - a_t = 1 / (SNR + 1)). It moves the weight to the noisy timesteps, where the
+    layout of the image (here: where the circle goes) is decided; the clip keeps the noisiest from dominating.
+    """
+    alpha_bar = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
+    snr = alpha_bar / (1 - alpha_bar)  # (B,)
+    weight = 1 / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else 1 / snr
+    return torch.clamp(weight, max=clip)
+
+
+LOSS_WEIGHTINGS = ("min-snr", "x0")  # how snr_gamma is used: Min-SNR's clip, or the clean-latent weight's
+
+
 def diffusion_loss(base: StableDiffusionBase, control, scheduler: DDPMScheduler, batch: dict,
-                   snr_gamma: float | None = None, only_mid_control: bool = False) -> torch.Tensor:
-    """The training loss of one batch: MSE between the UNet's prediction and eps (or v), optionally Min-SNR weighted."""
+                   snr_gamma: float | None = None, only_mid_control: bool = False,
+                   weighting: str = "min-snr") -> torch.Tensor:
+    """The training loss of one batch: MSE between the UNet's prediction and eps (or v), optionally weighted per
+    timestep: Min-SNR-gamma, or x0 supervision clipped at gamma (`weighting`; snr_gamma 0 or None: plain MSE)."""
     latents, noise, t = batch["latents"], batch["noise"], batch["timesteps"]
     noisy = scheduler.add_noise(latents, noise, t)  # sqrt(a_t) x0 + sqrt(1 - a_t) eps
     target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
@@ -50,7 +69,8 @@ def diffusion_loss(base: StableDiffusionBase, control, scheduler: DDPMScheduler,
                            only_mid_control=only_mid_control)
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
     if snr_gamma:
-        per_sample = per_sample * min_snr_weights(scheduler, t, snr_gamma)
+        weights = min_snr_weights if weighting == "min-snr" else clean_latent_weights
+        per_sample = per_sample * weights(scheduler, t, snr_gamma)
     return per_sample.mean()
 
 
@@ -65,15 +85,16 @@ class TrainingLoss(torch.nn.Module):
     """
 
     def __init__(self, base: StableDiffusionBase, control, scheduler: DDPMScheduler,
-                 params: list[torch.nn.Parameter], snr_gamma: float | None = None, only_mid_control: bool = False):
+                 params: list[torch.nn.Parameter], snr_gamma: float | None = None, only_mid_control: bool = False,
+                 weighting: str = "min-snr"):
         super().__init__()
         self.trained = torch.nn.ParameterList(params)
         self.parts = (base, control, scheduler)  # a tuple, so nn.Module does not register them as children
-        self.snr_gamma, self.only_mid_control = snr_gamma, only_mid_control
+        self.snr_gamma, self.only_mid_control, self.weighting = snr_gamma, only_mid_control, weighting
 
     def forward(self, batch: dict) -> torch.Tensor:
         base, control, scheduler = self.parts
-        return diffusion_loss(base, control, scheduler, batch, self.snr_gamma, self.only_mid_control)
+        return diffusion_loss(base, control, scheduler, batch, self.snr_gamma, self.only_mid_control, self.weighting)
 
 
 def prepare_trainable(base: StableDiffusionBase, control,
@@ -141,6 +162,15 @@ def cast_frozen_weights_to_half(base: StableDiffusionBase, precision: str) -> No
         for p in part.parameters() if part is not None else []:
             if not p.requires_grad:
                 p.data = p.data.to(HALF[precision])
+
+
+def learning_rate_scale(progress: float, decay: float) -> float:
+    """The learning rate's factor at `progress` (0 to 1) of the run's budget: 1, then a half cosine down to 0 over
+    the last `decay` of it, so the run ends annealed rather than at its full rate (0: constant)."""
+    start = 1 - decay
+    if decay <= 0 or progress <= start:
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * min((progress - start) / decay, 1.0)))
 
 
 def optimizer_step(optimizer, scaler, params: list[torch.nn.Parameter], max_grad_norm: float | None,

@@ -15,6 +15,7 @@ Writes are atomic: the folder is assembled in a temporary folder beside it and r
 `os.replace` (`tinylllite/files/atomic.py`), so a run killed mid-save leaves the previous checkpoint
 intact, and a failed save (disk full) leaves no temporary and names the checkpoint it could not write. Only the last K are kept.
 """
+import contextlib
 import json
 import pickle
 import re
@@ -142,27 +143,41 @@ def load_checkpoint(path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
 
 
 def save_training(run_dir, step: int, base: StableDiffusionBase, control, optimizer, scaler, effective_batch: int,
-                  keep_last: int, settings: dict) -> Path:
-    """A checkpoint of the trained weights and everything a resume needs: optimizer, loss scale, RNG, settings."""
+                  keep_last: int, settings: dict, ema=None) -> Path:
+    """A checkpoint of the trained weights and everything a resume needs: optimizer, loss scale, RNG, settings.
+
+    With an EMA (run/ema.py) the control file holds the average, what the run evaluates and exports, and
+    training_state.pt also keeps the trained weights, which a resume goes on training."""
     state = dict(step=step, samples_seen=step * effective_batch, effective_batch=effective_batch,
                  torch_rng=torch.get_rng_state(), optimizer=optimizer.state_dict(),
-                 scaler=scaler.state_dict() if scaler else None, settings=settings)
-    return save_checkpoint(run_dir, step, trainable_weights(base, control), state, keep_last,
-                           metadata=branch_metadata(base, control))
+                 scaler=scaler.state_dict() if scaler else None, settings=settings,
+                 ema=ema.state_dict() if ema is not None else None)
+    extra = {"weights": f"exponential moving average, decay {ema.decay:g}"} if ema is not None else None
+    with ema.applied() if ema is not None else contextlib.nullcontext():
+        return save_checkpoint(run_dir, step, trainable_weights(base, control), state, keep_last,
+                               metadata=branch_metadata(base, control, extra))
 
 
 def resume_training(path, base: StableDiffusionBase, control, optimizer, scaler, effective_batch: int,
-                    learning_rate: float) -> int:
-    """Put a checkpoint's weights, optimizer, loss scale and RNG back; returns its step.
+                    learning_rate: float, ema=None) -> int:
+    """Put a checkpoint's weights, optimizer, loss scale, EMA and RNG back; returns its step.
 
     The learning rate is the run's setting now (given on the command line, or the run's own), not the one
-    the restored optimizer state carries, so what is printed and recorded is what trains.
+    the restored optimizer state carries, so what is printed and recorded is what trains. A run that kept
+    an EMA goes on training its trained weights (in training_state.pt), with or without the average now.
     """
     weights, state = load_checkpoint(path)
     if state["effective_batch"] != effective_batch:
         raise InputError(f"{path} was trained with effective batch {state['effective_batch']}: resume with the same "
                          f"batch size, accumulation and number of processes")
     load_trainable(base, control, weights)
+    if ema is not None:
+        ema.resume(state.get("ema"))
+    elif state.get("ema") is not None:  # the average was saved as the weights; train on from the trained ones
+        with torch.no_grad():
+            for p, trained in zip((p for group in optimizer.param_groups for p in group["params"]),
+                                  state["ema"]["trained"]):
+                p.copy_(trained)
     optimizer.load_state_dict(state["optimizer"])
     for group in optimizer.param_groups:
         group["lr"] = learning_rate

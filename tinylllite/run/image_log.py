@@ -11,6 +11,7 @@ memory, and a control-fidelity number (Fill50K's disc IoU, or edge F1 on the use
 take-off is marked in the plot. `RunLog` calls all of it at the steps a run's settings name.
 Left out: the original's per-epoch folders and its EMA/`log_images` switches.
 """
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from tinylllite.sample import sample
+from tinylllite.sample import sample, to_uint8 as decoded_to_uint8
 from tinylllite.data.edge_fidelity import sample_edge_f1
 from tinylllite.data.fidelity import fill50k_fidelity
 from tinylllite.files.atomic import atomic_file
@@ -135,6 +136,22 @@ def evaluate(base, control, pairs: list, metric: str = "fill50k-iou", steps: int
     return {**{name: float(np.mean([s[name] for s in scores])) for name in scores[0]}, "pairs": len(scores)}
 
 
+@torch.no_grad()
+def vae_ceiling(base, pairs: list, batch_size: int = 16) -> dict:
+    """The Fill50K scores of the VAE's own round trip of the true targets (posterior mode, decoded as `sample`
+    decodes): the ceiling of every branch, whose samples all pass through this VAE's decoder."""
+    scores = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        targets = torch.from_numpy(np.stack([p.target for p in chunk])).permute(0, 3, 1, 2).float() / 127.5 - 1
+        latents = base.vae.encode(targets.to(base.device, base.vae.dtype)).latent_dist.mode()
+        for pair, image in zip(chunk, decoded_to_uint8(base.vae.decode(latents).sample)):
+            found = fill50k_fidelity(image, pair.source, pair.prompt)
+            scores.append((found["iou"], found["colour_error"]))
+    return {"vae_ceiling_iou": float(np.mean([s[0] for s in scores])),
+            "vae_ceiling_colour_error": float(np.mean([s[1] for s in scores]))}
+
+
 SAVE_RESERVE_SECONDS = 5.0  # what a run keeps of --max-minutes for its final checkpoint
 SCORE_NAMES = {"fidelity_iou": "IoU", "colour_error": "colour error", "edge_f1": "edge F1"}
 CONTROL_SCORES = ("fidelity_iou", "edge_f1")  # the number whose jump is the "sudden convergence"
@@ -144,7 +161,8 @@ TAKE_OFF = 0.5  # the score at which control has visibly arrived
 class MetricsLog:
     """OUT/metrics.jsonl, one JSON object per log event, and OUT/metrics.png plotting its curves by step."""
 
-    NOT_PLOTTED = ("lr", "minutes")  # constant / bookkeeping fields
+    NOT_PLOTTED = ("lr", "minutes", "eval_pairs")  # bookkeeping fields
+    CEILINGS = {"fidelity_iou": "vae_ceiling_iou", "colour_error": "vae_ceiling_colour_error"}  # drawn as lines
 
     def __init__(self, out_dir, append: bool = False, keep_until: int = 0):
         """append: continue a resumed run's file, dropping events after `keep_until` (logged after its checkpoint)."""
@@ -192,7 +210,8 @@ class MetricsLog:
         """OUT/metrics.png, one panel per logged number; None (and no file) while nothing is logged yet."""
         events = self.events()
         fields = sorted({k for e in events for k, v in e.items()
-                         if k not in ("step", *self.NOT_PLOTTED) and isinstance(v, (int, float))})
+                         if k not in ("step", *self.NOT_PLOTTED, *self.CEILINGS.values()) and isinstance(v, (int, float))})
+        ceilings = {name: e[ceiling] for e in events for name, ceiling in self.CEILINGS.items() if ceiling in e}
         if not fields:
             return None
         figure = Figure(figsize=(6, 2.2 * len(fields)))  # drawn off-screen: no pyplot, no backend chosen
@@ -202,6 +221,10 @@ class MetricsLog:
             points = [(e["step"], e[name]) for e in events if name in e]
             axis.plot(*zip(*points), marker="." if len(points) < 50 else None)
             axis.set_ylabel(name)
+            if name in ceilings:  # what the VAE's own round trip of the true targets scores
+                axis.axhline(ceilings[name], color="0.5", linewidth=0.8, linestyle=":")
+                axis.annotate(f"VAE round trip {ceilings[name]:.3g}", (points[0][0], ceilings[name]), fontsize=7,
+                              color="0.4", textcoords="offset points", xytext=(2, 2 if name == "fidelity_iou" else -9))
             if take_off:  # the sudden convergence, marked on every panel (the loss barely moves there)
                 axis.axvline(take_off[1], color="tab:red", linewidth=0.8, linestyle="--")
                 if name == take_off[0]:  # the label on the side of the line with more room
@@ -222,15 +245,17 @@ class RunLog:
     the image logs and the fidelity evaluations, at the steps the run's settings name."""
 
     def __init__(self, out: Path, settings: dict, base, control, dataset, validation: list[tuple[str, np.ndarray]], clock,
-                 heldout: list, resumed_at: int | None = None):
+                 heldout: list, resumed_at: int | None = None, weights=None):
         """settings: the run's resolved settings (tutorial_train.py's block); validation: (prompt, uint8 hint image)
         pairs; clock: the StopRule (.minutes(), .deadline); heldout: the evaluation's pairs (Fill50KPair for fill50k-iou, dataset items
         for edge-f1); resumed_at: the step of the checkpoint a resumed run continues from."""
         self.out, self.s, self.base, self.control, self.dataset = Path(out), settings, base, control, dataset
         self.validation, self.clock, self.heldout, self.resumed_at = validation, clock, heldout, resumed_at
+        self.weights = weights or contextlib.nullcontext  # e.g. WeightAverage.applied: evaluate and log its average
         self.metrics = MetricsLog(out, append=resumed_at is not None, keep_until=resumed_at or 0)
         self.evaluation_seconds = self.image_seconds = 0.0  # how long the last of each took
         self.last_grid = -1
+        self.ceiling_logged = any("vae_ceiling_iou" in e for e in self.metrics.events())  # a resumed run's own
 
     @property
     def evaluating(self) -> bool:
@@ -251,9 +276,11 @@ class RunLog:
 
     def after_step(self, step: int) -> None:
         if self.s["logger_freq"] and step % self.s["logger_freq"] == 0:
-            self.images(step)
+            with self.weights():
+                self.images(step)
         if self.evaluating and step % self.s["eval_every"] == 0:
-            self.evaluate(step)
+            with self.weights():
+                self.evaluate(step)
 
     def evaluate(self, step: int) -> None:
         """Fidelity on held-out pairs with the same `sample` as deployment, under the run's autocast."""
@@ -275,6 +302,9 @@ class RunLog:
             self.evaluation_seconds = time.time() - started
         self.metrics.write(step=step, minutes=round(self.clock.minutes(), 2), **scores,
                            **({"eval_pairs": pairs} if pairs < len(self.heldout) else {}))
+        if s["eval_metric"] == "fill50k-iou" and not self.ceiling_logged:  # once per run, beside its first scores
+            self.metrics.write(step=step, **vae_ceiling(self.base, self.heldout))
+            self.ceiling_logged = True
         self.metrics.plot()
         shown = ", ".join(f"{SCORE_NAMES[k]} {v:.3f}" for k, v in scores.items())
         tqdm.write(f"step {step}: {shown} ({time.time() - started:.0f} s on {pairs} held-out pairs)")
@@ -304,10 +334,11 @@ class RunLog:
 
     def finish(self, step: int, last_loss: float | None = None) -> None:
         """The last evaluation and image log (if this step had none), the final plot, and the run's summary line."""
-        if self.evaluating and step % self.s["eval_every"]:
-            self.evaluate(step)
-        if self.s["logger_freq"] and self.last_grid != step:
-            self.images(step)
+        with self.weights():
+            if self.evaluating and step % self.s["eval_every"]:
+                self.evaluate(step)
+            if self.s["logger_freq"] and self.last_grid != step:
+                self.images(step)
         self.metrics.plot()
         print(f"stopped at step {step} after {self.clock.minutes():.1f} min; {self.metrics.summary(last_loss)}; "
               f"checkpoints in {self.out / 'checkpoints'}, metrics in {self.metrics.path}")

@@ -44,6 +44,7 @@ as one GPU, plus DDP's gradient buckets), torch.compile, EMA.
 """
 import argparse
 import contextlib
+import importlib.util
 import itertools
 import json
 import math
@@ -774,6 +775,20 @@ def what_would_fit(config: RunConfig, free_bytes: int, limit: int = 3) -> list[s
             break
         batch //= 2
     return found
+
+
+def fitting_switches(config: RunConfig, free_bytes: int) -> tuple[str, ...] | None:
+    """The fewest, cheapest switches (setting names) with which `config` fits in `free_bytes`, estimated; () when it
+    fits as it is; None when no set does. 8-bit Adam is tried only where bitsandbytes is installed."""
+    if check_fits(estimate(config).peak, free_bytes) is None:
+        return ()
+    has_bitsandbytes = importlib.util.find_spec("bitsandbytes") is not None
+    for combo in switch_sets(config):
+        if "use_8bit_adam" in combo and not has_bitsandbytes:
+            continue
+        if check_fits(estimate(with_switches(config, combo)).peak, free_bytes) is None:
+            return combo
+    return None
 
 
 def config_from_training(args, settings: dict | None = None, family: str | None = None,

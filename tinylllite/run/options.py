@@ -6,11 +6,12 @@ by a type that refuses a bad value where it is parsed, naming the flag (nanoGPT 
 apart from its training script, in `configurator.py`). Left out: config files; the blocks are the config.
 """
 import argparse
-import os
 
 from tinylllite.data.fidelity import EVALUATION_SEED
 from tinylllite.errors import InputError
+from tinylllite.run.cores import usable_cores
 from tinylllite.run.batches import TIMESTEP_SAMPLING
+from tinylllite.training import LOSS_WEIGHTINGS
 
 
 def strict_bool(text: str) -> bool:
@@ -49,16 +50,19 @@ def fraction(text: str) -> float:
     return value
 
 
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity), which a thread count must not exceed."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+def decay(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1) (0 = off; e.g. 0.999), got {text}")
+    return value
 
 
 def thread_count(text: str) -> int:
-    value = count(1)(text)
-    if value > usable_cores():
-        raise argparse.ArgumentTypeError(f"{value} threads for {usable_cores()} usable cores: more threads than "
-                                         f"cores only wait on each other; give 1 to {usable_cores()}")
+    """--threads: at most the cores this process may run on (its CPU affinity)."""
+    value, cores = count(1)(text), len(usable_cores())
+    if value > cores:
+        raise argparse.ArgumentTypeError(f"{value} threads for {cores} usable cores: more threads than "
+                                         f"cores only wait on each other; give 1 to {cores}")
     return value
 
 
@@ -66,7 +70,7 @@ def thread_count(text: str) -> int:
 SETTING_TYPES = dict(
     batch_size=count(1), learning_rate=positive_float, gradient_accumulation=count(1), max_steps=count(1),
     max_minutes=positive_float, sd_locked=strict_bool, only_mid_control=strict_bool, prompt_dropout=fraction,
-    timestep_sampling=str, snr_gamma=off_or_positive, max_grad_norm=positive_float, mixed_precision=str,
+    timestep_sampling=str, snr_gamma=off_or_positive, loss_weighting=str, lr_decay=fraction, ema_decay=decay, max_grad_norm=positive_float, mixed_precision=str,
     gradient_checkpointing=strict_bool, use_8bit_adam=strict_bool, cache=strict_bool, data_workers=count(0),
     channels_last=strict_bool, compile=strict_bool,
     logger_freq=count(0), log_every=count(1), eval_metric=str, canny_low=positive_float, canny_high=positive_float,
@@ -74,7 +78,7 @@ SETTING_TYPES = dict(
     keep_checkpoints=count(1), seed=count(0), threads=thread_count, cond_emb_dim=count(1), mlp_dim=count(1),
     lllite_blocks=str)
 CHOICES = dict(mixed_precision=("fp32", "bf16", "fp16"), eval_metric=("fill50k-iou", "edge-f1", "none"),
-               timestep_sampling=TIMESTEP_SAMPLING)
+               timestep_sampling=TIMESTEP_SAMPLING, loss_weighting=LOSS_WEIGHTINGS)
 SWITCHES = ("gradient_checkpointing", "use_8bit_adam", "cache", "compile")  # `--cache` alone means true
 
 
@@ -100,6 +104,9 @@ def parse_args(argv, branches: dict, presets: dict, description: str) -> argpars
     add("cache_dir", default="./cache", help="where --cache keeps encoded latents and prompts (default ./cache)")
     add("eval_seed", type=count(0), default=EVALUATION_SEED,
         help="seed of the held-out evaluation pairs (tuning uses another seed: bench/convergence.py)")
+    add("fit_memory", nargs="?", const="pick", choices=("refuse", "warn", "pick"), default="refuse",
+        help="on CUDA, a run whose estimated peak exceeds the card's free memory is refused naming switches that "
+             "fit (refuse, the default); --fit-memory turns them on (pick); warn runs anyway")
     add("validation_prompt", action="append", default=[], help="with --validation-image; repeatable")
     add("validation_image", action="append", default=[], help="hint image for the --validation-prompt at its place")
     for name, parse in SETTING_TYPES.items():

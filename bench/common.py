@@ -5,10 +5,11 @@ The benchmarks compare tinylllite with the path diffusers' own examples take
 
 - `--shape tiny`: the committed tiny SD (64 px), so a CPU answers in seconds;
 - `--shape sd15`: SD1.5's UNet, VAE and CLIP ViT-L built from `tinylllite/sd/configs/sd1.json` with random
-  weights (512 px); speed does not depend on the weights' values, and nothing is downloaded.
+  weights (512 px); speed does not depend on the weights' values, and nothing is downloaded;
+- `--shape sdxl`: SDXL's UNet, VAE and both text encoders from `sdxl.json`, random weights (1024 px).
 
 Every tinylllite name the benchmarks use is imported here, so a renamed API is fixed in one place.
-Left out: multi-GPU and SDXL shapes.
+Left out: multi-GPU.
 """
 import argparse
 import copy
@@ -26,7 +27,7 @@ import diffusers
 import torch
 import transformers
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 # The benchmarks run as `python bench/<name>.py` from anywhere: put the repository (tutorial_train.py) on the path.
 REPO = Path(__file__).resolve().parent.parent
@@ -46,17 +47,19 @@ from tinylllite.files.sd_loading import family_config  # noqa: E402
 from tinylllite.sd.tiny_sd import load_tiny_sd  # noqa: E402
 from tinylllite.sd.tokenizer import clip_tokenizer  # noqa: E402
 
-SHAPES = ("tiny", "sd15")
+SHAPES = ("tiny", "sd15", "sdxl")
+FAMILIES = {"sd15": "sd1", "sdxl": "sdxl"}  # the shipped config each random-weight shape is built from
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # tutorial_train.py's tiny-SD setting: LLLite on every block (the tiny UNet's one transformer per level).
-LLLITE_BLOCKS = {"tiny": {"input", "middle", "output"}, "sd15": None}  # None = kohya's default (input blocks)
+LLLITE_BLOCKS = {"tiny": {"input", "middle", "output"}, "sd15": None, "sdxl": None}  # None: kohya's default set
 PROMPT = "cyan circle with brown background"
 
 
 def add_common_args(parser: argparse.ArgumentParser, steps: int, warmup: int, batch: int) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--shape", choices=SHAPES, default="tiny",
-                        help="tiny: the committed tiny SD (64 px); sd15: SD1.5 shapes, random weights (512 px)")
+                        help="tiny: the committed tiny SD (64 px); sd15 / sdxl: SD1.5 (512 px) or SDXL (1024 px) "
+                             "shapes, random weights")
     parser.add_argument("--batch", type=int, default=batch)
     parser.add_argument("--steps", type=int, default=steps, help="timed steps per implementation and round")
     parser.add_argument("--warmup", type=int, default=warmup, help="untimed steps before each timed run")
@@ -65,6 +68,8 @@ def add_common_args(parser: argparse.ArgumentParser, steps: int, warmup: int, ba
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="also write the JSON report to this file")
+    parser.add_argument("--cap-gib", type=float, help="CUDA: behave like a card of this many GiB (torch's per-process "
+                                                      "memory fraction, less the CUDA context the card also holds)")
 
 
 def check_args(args) -> torch.device:
@@ -78,25 +83,37 @@ def check_args(args) -> torch.device:
         raise InputError("--device cuda: no CUDA device is visible to torch; use --device cpu")
     if args.precision == "fp16" and args.device == "cpu":
         raise InputError("--precision fp16 is for --device cuda; on a CPU use fp32 or bf16")
+    if args.cap_gib and args.device != "cuda":
+        raise InputError("--cap-gib caps a CUDA card's memory; it needs --device cuda")
+    if args.cap_gib:
+        from tinylllite.run.memory import CUDA_CONTEXT_BYTES, GIB
+
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction((args.cap_gib * GIB - CUDA_CONTEXT_BYTES) / total)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     return torch.device(args.device)
 
 
-def sd15_base(device: torch.device) -> StableDiffusionBase:
-    """SD1.5's three networks from the shipped config, randomly initialised on `device`, fp32."""
-    config = family_config("sd1")
+def random_base(family: str, device: torch.device) -> StableDiffusionBase:
+    """SD1.5's (or SDXL's) networks from the shipped config, randomly initialised on `device`, fp32."""
+    config = family_config(family)
     with device:  # initialise where the model will run: seconds on a GPU instead of a minute on the CPU
         unet = UNet2DConditionModel(**config["unet"])
         vae = AutoencoderKL(**config["vae"])
         text_encoder = CLIPTextModel(CLIPTextConfig(**config["text_encoder"]))
-    return StableDiffusionBase(family="sd1", unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(),
-                               tokenizer=clip_tokenizer(config["pad_token"]), scheduler_config=config["scheduler"])
+        text_encoder_2 = (CLIPTextModelWithProjection(CLIPTextConfig(**config["text_encoder_2"])).eval()
+                          if family == "sdxl" else None)
+    return StableDiffusionBase(
+        family=family, unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(),
+        tokenizer=clip_tokenizer(config["pad_token"]), text_encoder_2=text_encoder_2,
+        tokenizer_2=clip_tokenizer(config["pad_token_2"]) if family == "sdxl" else None,
+        prediction_type=config["scheduler"]["prediction_type"], scheduler_config=config["scheduler"])
 
 
 def build_base(shape: str, device: torch.device) -> StableDiffusionBase:
-    base = load_tiny_sd() if shape == "tiny" else sd15_base(device)
+    base = load_tiny_sd() if shape == "tiny" else random_base(FAMILIES[shape], device)
     return base.to(device)
 
 
@@ -125,10 +142,11 @@ def random_batch(base: StableDiffusionBase, batch: int, device: torch.device, se
     side, f = base.unet.config.sample_size, base.vae_scale_factor
     latents = torch.randn(batch, 4, side, side, generator=g)  # (B, 4, h, w)
     hint = (torch.rand(batch, 3, side * f, side * f, generator=g) > 0.9).float()  # (B, 3, H, W), outline-like
-    hidden, _ = base.encode_prompt([PROMPT] * batch)  # (B, 77, D)
+    hidden, pooled = base.encode_prompt([PROMPT] * batch)  # (B, 77, D), SDXL's pooled text (B, 1280) or None
+    added = base.added_cond_kwargs(None if pooled is None else pooled.float(), side * f, side * f)  # SDXL only
     return dict(latents=latents.to(device), noise=torch.randn(latents.shape, generator=g).to(device),
                 timesteps=torch.randint(0, 1000, (batch,), generator=g).to(device), hidden=hidden.float(),
-                added_cond_kwargs=None, hint=hint.to(device))
+                added_cond_kwargs=added, hint=hint.to(device))
 
 
 def synchronize(device: torch.device) -> None:

@@ -8,7 +8,7 @@
 # so one slow part cannot eat the others' time; gpu_suite_status.txt lists each part's exit status.
 # Order: the in-memory step against diffusers (eager and compiled, batch 4 and 16), memory of each branch
 # beside the estimator, end to end, LLLite's sampling overhead, then what time allows: CUDA graphs and
-# max-autotune. Not in it yet: the capped-card "fits" check, SDXL at 1024 px, notebooks 05-07 on a GPU.
+# max-autotune, one SDXL LLLite step at 1024 px, the capped-card "fits" check and notebooks 05-07 on the GPU.
 set -u
 OUT=${OUT:-bench/results}
 BUDGET_SECONDS=${BUDGET_SECONDS:-480}
@@ -66,5 +66,16 @@ time_left 120 && part train_step_cudagraphs 120 train_step.py --batch 4 --steps 
     --impls tinylllite,tinylllite-compiled --compile-mode reduce-overhead
 time_left 150 && part train_step_autotune 150 train_step.py --batch 4 --steps 10 --warmup 5 --no-flops \
     --impls tinylllite,tinylllite-compiled --compile-mode max-autotune-no-cudagraphs
+time_left 90 && part sdxl_lllite_1024 90 train_step.py --shape sdxl --batch 1 --impls lllite --steps 3 --warmup 1 \
+    --rounds 1 --no-flops
+other() {  # other NAME SECONDS SCRIPT ARGS...: a script with its own flags (not train_step's), under a time limit
+    local name=$1 limit=$2 script=$3
+    shift 3
+    local started=$SECONDS
+    timeout "$limit" python3 "bench/$script" "$@" --out "$OUT/gpu_$name.json" > "$OUT/gpu_$name.log" 2>&1
+    echo "$name exit $? after $((SECONDS - started)) s" | tee -a "$STATUS"
+}
+time_left 150 && other fits_check 150 fits_check.py --cards 8 12
+time_left 150 && other notebooks 150 notebooks_on_gpu.py --steps 30
 wait  # the estimator's JSON
 echo "suite done after $SECONDS s" | tee -a "$STATUS"

@@ -96,6 +96,10 @@ def test_a_missing_data_folder_is_refused_and_not_created(tmp_path):
     (["--mixed-precision", "fp8"], "--mixed-precision"),
     (["--snr-gamma", "-1"], "--snr-gamma"),
     (["--validation-prompt", "a red circle"], "--validation-image"),
+    (["--ema-decay", "1"], "--ema-decay"),
+    (["--lr-decay", "1.5"], "--lr-decay"),
+    (["--loss-weighting", "x1"], "--loss-weighting"),
+    (["--fit-memory", "maybe"], "--fit-memory"),
 ])
 def test_bad_flags_are_refused_where_they_are_parsed(flags, named, capsys):
     """Counts below 1, numbers out of range, a misspelt true/false and an unpaired validation prompt exit 2 naming the flag."""

@@ -270,10 +270,9 @@ def train(args, settings: dict, preset: str | None, out: Path, stop, base, world
         free_bytes, _ = torch.cuda.mem_get_info(device)
         settings = fit_memory(args, settings, base, max(dataset[0]["hint"].shape[:2]), free_bytes, rank)
         s = argparse.Namespace(**settings)
-    base.to(device)
     torch.manual_seed(s.seed)  # the fresh branch's initial weights
     control = control_branch.build(args.control, base, settings.get("cond_emb_dim", 0), settings.get("mlp_dim", 0),
-                                   settings.get("lllite_blocks")).to(device)
+                                   settings.get("lllite_blocks"))  # on the host, beside the base, until both move
     if s.channels_last:
         training.use_channels_last(base, control)
     if args.resume_path:
@@ -282,8 +281,10 @@ def train(args, settings: dict, preset: str | None, out: Path, stop, base, world
     params = [p for _, p in named]
     if s.gradient_checkpointing:
         control_branch.enable_gradient_checkpointing(base.unet, control)
-    if device.type == "cuda":
+    if device.type == "cuda":  # cast before the move: the card never holds the frozen base in fp32
         training.cast_frozen_weights_to_half(base, s.mixed_precision)
+    base.to(device)
+    control.to(device)  # an LLLite's modules moved with the UNet already; a ControlNet moves here
     optimizer = training.make_optimizer(params, s.learning_rate, use_8bit=s.use_8bit_adam)
     scaler = training.grad_scaler(device, s.mixed_precision)
     scheduler = training.training_scheduler(base)

@@ -209,7 +209,7 @@ def test_the_command_prints_every_part_as_json(capsys):
     assert report["config"]["family"] == "tiny" and report["config"]["cache"] is True
     assert parts["step_peak"] == sum(parts[k] for k in ("frozen", "parameters", "gradients", "optimizer_state",
                                                          "activations", "kernel_workspace"))
-    assert parts["peak"] == max(parts["step_peak"], parts["load_peak"]) and report["gib"]["cuda_context"] == 0.5
+    assert parts["peak"] == max(parts["step_peak"], parts["half_load_peak"]) and report["gib"]["cuda_context"] == 0.5
 
 
 def test_sdxl_has_a_controlnet_copied_from_its_unet_encoder():

@@ -463,8 +463,8 @@ class Run:
     optimizer: object
     step: object
     external: list  # tensors alive across steps that are neither module tensors nor optimizer state
-    load_bytes: int  # tutorial_train.py's load peak: the fp32 base and branch on the GPU before the cast
-    half_load_bytes: int  # the load peak had the frozen parts been cast before the move: half base, fp32 branch
+    load_bytes: int  # the load peak of a base moved in fp32 and cast on the GPU (bench/train_step.py's own base)
+    half_load_bytes: int  # tutorial_train.py's: the frozen parts cast to half precision on the host, then moved
 
 
 def _fake_samples(config: RunConfig, base) -> dict:
@@ -565,8 +565,8 @@ class Estimate:
     optimizer_state: int  # AdamW's exp_avg/exp_avg_sq (or 8-bit Adam's states)
     activations: int  # the rest at the step's peak: saved activations, autocast's weight copies, temporaries
     traced_peak: int  # the sum of the five above: every tensor alive at the step's peak
-    load_peak: int  # tutorial_train.py moves the base to the GPU in fp32 and casts it there (with the fp32 branch)
-    half_load_peak: int  # the same had the frozen parts been cast to half precision before the move
+    load_peak: int  # a base moved to the GPU in fp32 and cast there, with the fp32 branch (the bench step's)
+    half_load_peak: int  # tutorial_train.py: frozen parts cast to half precision on the host, then moved
     kernel_workspace: int = KERNEL_WORKSPACE_BYTES  # cuBLAS/cuDNN workspaces, not traced (see the constant)
     cuda_context: int = CUDA_CONTEXT_BYTES  # not allocated by torch: only for comparing with a card's memory
     host_reads: list[str] = field(default_factory=list)
@@ -581,9 +581,9 @@ class Estimate:
     @property
     def peak(self) -> int:
         """torch.cuda.max_memory_allocated over the whole run, loading included."""
-        return max(self.step_peak, self.load_peak)
+        return max(self.step_peak, self.half_load_peak)
 
-    def card_bytes(self, half_load: bool = False) -> int:
+    def card_bytes(self, half_load: bool = True) -> int:
         """The memory a card needs: the peak plus the allocator's margin plus the CUDA context."""
         peak = max(self.step_peak, self.half_load_peak if half_load else self.load_peak)
         return math.ceil(peak * (1 + ALLOCATOR_MARGIN)) + self.cuda_context
@@ -602,14 +602,13 @@ class Estimate:
                 ("gradients", self.gradients), ("optimizer state", self.optimizer_state),
                 ("activations and temporaries", self.activations),
                 ("kernel workspaces (not traced, stated)", self.kernel_workspace), ("step peak", self.step_peak),
-                ("load peak (fp32 base moved, then cast)", self.load_peak), ("peak", self.peak),
+                ("load peak (frozen parts cast, then moved)", self.half_load_peak), ("peak", self.peak),
                 (f"card needs (peak +{ALLOCATOR_MARGIN:.0%}, +{self.cuda_context / GIB:.1f} GiB CUDA context)",
                  self.card_bytes())]
         lines = [f"estimated peak GPU memory: {self.config.describe()} (the step's parts at its peak)"]
         lines += [f"  {name:<52} {value / GIB:6.2f} GiB" for name, value in rows]
-        if self.load_peak > self.step_peak:
-            lines.append(f"  the load decides: tutorial_train.py moves the base to the GPU in fp32 before casting it "
-                         f"(cast first: {max(self.step_peak, self.half_load_peak) / GIB:.2f} GiB)")
+        if self.half_load_peak > self.step_peak:
+            lines.append("  the load decides: the frozen base and the fp32 branch on the GPU before the first step")
         if self.host_reads:
             lines.append(f"  host reads in the step (answered 0 here): {'; '.join(self.host_reads)}")
         return "\n".join(lines)
@@ -815,9 +814,6 @@ def fit_advice(result: Estimate, free_bytes: int) -> str | None:
         return None
     config = result.config
     ways = what_would_fit(config, free_bytes)
-    if check_fits(max(result.step_peak, result.half_load_peak), free_bytes) is None:
-        ways.insert(0, f"the step itself fits ({result.step_peak / GIB:.1f} GiB): only tutorial_train.py's load "
-                       f"does not (the fp32 base on the GPU before its cast, {result.load_peak / GIB:.1f} GiB)")
     advice = f"; would fit: {'; or '.join(ways)}" if ways else "; nothing tried fits: a larger GPU, or a smaller base"
     return f"{config.describe()}: {problem}{advice}"
 
@@ -864,13 +860,14 @@ def largest_batch(config: RunConfig, card_gib: float, half_load: bool, memo: dic
 
 
 def fits_table(cards=CARDS_GIB, setups=TABLE_SETUPS, controls=CONTROLS, precision: str = "bf16",
-               half_load: bool = False, memo: dict | None = None, progress=None) -> str:
+               half_load: bool = True, memo: dict | None = None, progress=None) -> str:
     """The "fits your card" table (markdown): per card and setup, the largest batch and the fewest switches for it.
 
     The largest batch is found with every switch on (cache, gradient checkpointing, 8-bit Adam); then the
     costliest switches (8-bit Adam, then checkpointing, then the cache) are dropped while a batch within
     TABLE_TOLERANCE of it still fits, and the cell shows the largest batch of the switches left.
-    half_load: as if tutorial_train.py cast the frozen parts to half precision before moving them to the GPU.
+    half_load: the frozen parts cast to half precision before the move to the GPU, as tutorial_train.py does
+    (False: moved in fp32 and cast there, as bench/train_step.py builds its base).
     `memo` (RunConfig -> Estimate) lets a second table reuse the first one's estimates."""
     memo = {} if memo is None else memo
 
@@ -944,10 +941,7 @@ def _main(argv=None) -> int:
     args = parse_args(argv)
     if args.table:
         memo, progress = {}, (lambda text: print(f"  estimating: {text}", file=sys.stderr, flush=True))
-        print("As tutorial_train.py loads the base today (fp32 on the GPU, then cast):\n")
         print(fits_table(memo=memo, progress=progress))
-        print("\nHad the frozen parts been cast to half precision before the move to the GPU:\n")
-        print(fits_table(half_load=True, memo=memo, progress=progress))
         return 0
     config = RunConfig(family=family_of(args.base), control=args.control, batch_size=args.batch_size,
                        resolution=args.resolution, mixed_precision=PRECISIONS[args.mixed_precision],

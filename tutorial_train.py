@@ -54,7 +54,8 @@ CONTROLNET = dict(
     prompt_dropout=0.0,  # fraction of empty prompts (the paper: 0.5)
     timestep_sampling="uniform",  # uniform, as SD was trained, or cubic: more noisy timesteps
     snr_gamma=5.0,  # the clip of the loss weighting below; None or 0 = plain MSE
-    loss_weighting="min-snr",  # min-snr: min(SNR, 5) / SNR (Hang et al. 2023); x0: min(1 / SNR, 5), the clean latent's
+    loss_weighting="min-snr",  # min-snr: min(SNR, 5) / SNR (Hang et al. 2023); x0: min(1 / SNR, 5), the clean
+    # latent's error; min-snr-x0: the larger of the two (x0's at the noisy timesteps, Min-SNR's at the clean ones)
     ema_decay=0.0,  # evaluate and export an exponential moving average of the weights (e.g. 0.999); 0 = off
     lr_decay=0.0,  # the last fraction of the budget (minutes or steps) over which lr falls to 0 (cosine); 0 = constant
     max_grad_norm=None,  # the original does not clip

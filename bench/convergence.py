@@ -64,8 +64,20 @@ VARIANTS = {
     "lllite-long": ("lllite", [], "today's defaults, run longer (the third round's baseline)"),
     "lllite-lr-decay": ("lllite", ["--lr-decay", "0.3"], "lr falls to 0 (cosine) over the last 30 %"),
     "lllite-x0": ("lllite", ["--loss-weighting", "x0"], "x0 supervision: eps loss x min(1 / SNR, 5)"),
+    "controlnet-x0-lr-decay": ("controlnet", ["--loss-weighting", "x0", "--lr-decay", "0.3"], "x0 and lr decay together"),
+    "lllite-x0-lr-decay": ("lllite", ["--loss-weighting", "x0", "--lr-decay", "0.3"], "x0 and lr decay together"),
+    "controlnet-min-snr-x0": ("controlnet", ["--loss-weighting", "min-snr-x0"],
+                              "the larger of Min-SNR-5's and x0's weight at each timestep"),
+    "lllite-min-snr-x0": ("lllite", ["--loss-weighting", "min-snr-x0"],
+                          "the larger of Min-SNR-5's and x0's weight at each timestep"),
+    "controlnet-x0-ema": ("controlnet", ["--loss-weighting", "x0", "--ema-decay", "0.995"],
+                          "x0, evaluated with an EMA of the weights (decay 0.995)"),
+    "lllite-x0-ema": ("lllite", ["--loss-weighting", "x0", "--ema-decay", "0.995"],
+                      "x0, evaluated with an EMA of the weights (decay 0.995)"),
 }
-LONG = {"controlnet-long", "controlnet-lr-decay", "controlnet-x0", "lllite-long", "lllite-lr-decay", "lllite-x0"}
+LONG = {"controlnet-long", "controlnet-lr-decay", "controlnet-x0", "lllite-long", "lllite-lr-decay", "lllite-x0",
+        "controlnet-x0-lr-decay", "lllite-x0-lr-decay", "controlnet-x0-ema", "lllite-x0-ema", "controlnet-min-snr-x0",
+        "lllite-min-snr-x0"}
 LONG_SAMPLES = 24_000  # 1,500 steps at batch 16: where a default job's curve flattens, not where it takes off
 
 

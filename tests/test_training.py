@@ -196,6 +196,16 @@ def test_x0_weighting_is_the_eps_loss_over_snr_clipped_at_gamma():
     assert weights_[0] == 5.0 and weights_[2] < 1e-3  # the noisiest step is clipped, the cleanest nearly ignored
 
 
+def test_min_snr_x0_weighting_takes_the_larger_weight_at_each_timestep():
+    """min-snr-x0: x0's weight at the noisy timesteps (up to gamma), Min-SNR's at the clean ones."""
+    scheduler = training.training_scheduler(tiny_base())
+    t = torch.arange(0, 1000, 37)
+    both = training.min_snr_and_clean_latent_weights(scheduler, t, 5.0)
+    torch.testing.assert_close(both, torch.maximum(training.min_snr_weights(scheduler, t, 5.0),
+                                                   training.clean_latent_weights(scheduler, t, 5.0)))
+    assert both[-1] == 5.0 and both[0] == training.min_snr_weights(scheduler, t, 5.0)[0]
+
+
 def test_the_learning_rate_is_constant_then_falls_along_a_cosine_to_zero_over_the_last_fraction():
     assert [training.learning_rate_scale(p, 0.0) for p in (0.0, 0.9, 1.0)] == [1.0, 1.0, 1.0]
     assert training.learning_rate_scale(0.69, 0.3) == 1.0

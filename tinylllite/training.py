@@ -50,14 +50,21 @@ def clean_latent_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, clip
     return torch.clamp(weight, max=clip)
 
 
-LOSS_WEIGHTINGS = ("min-snr", "x0")  # how snr_gamma is used: Min-SNR's clip, or the clean-latent weight's
+def min_snr_and_clean_latent_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """The larger of the two: Min-SNR's weight where the latent is clean (SNR > 1: the colours and details),
+    the clean latent's where it is noisy (SNR < 1: the layout)."""
+    return torch.maximum(min_snr_weights(scheduler, timesteps, gamma), clean_latent_weights(scheduler, timesteps, gamma))
+
+
+# how snr_gamma weighs each timestep: Min-SNR's clip, the clean-latent weight's clip, or the larger of the two
+LOSS_WEIGHTINGS = {"min-snr": min_snr_weights, "x0": clean_latent_weights, "min-snr-x0": min_snr_and_clean_latent_weights}
 
 
 def diffusion_loss(base: StableDiffusionBase, control, scheduler: DDPMScheduler, batch: dict,
                    snr_gamma: float | None = None, only_mid_control: bool = False,
                    weighting: str = "min-snr") -> torch.Tensor:
     """The training loss of one batch: MSE between the UNet's prediction and eps (or v), optionally weighted per
-    timestep: Min-SNR-gamma, or x0 supervision clipped at gamma (`weighting`; snr_gamma 0 or None: plain MSE)."""
+    timestep (`weighting`, a key of LOSS_WEIGHTINGS, clipped at snr_gamma; snr_gamma 0 or None: plain MSE)."""
     latents, noise, t = batch["latents"], batch["noise"], batch["timesteps"]
     noisy = scheduler.add_noise(latents, noise, t)  # sqrt(a_t) x0 + sqrt(1 - a_t) eps
     target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
@@ -69,8 +76,7 @@ def diffusion_loss(base: StableDiffusionBase, control, scheduler: DDPMScheduler,
                            only_mid_control=only_mid_control)
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
     if snr_gamma:
-        weights = min_snr_weights if weighting == "min-snr" else clean_latent_weights
-        per_sample = per_sample * weights(scheduler, t, snr_gamma)
+        per_sample = per_sample * LOSS_WEIGHTINGS[weighting](scheduler, t, snr_gamma)
     return per_sample.mean()
 
 

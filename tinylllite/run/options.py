@@ -78,7 +78,7 @@ SETTING_TYPES = dict(
     keep_checkpoints=count(1), seed=count(0), threads=thread_count, cond_emb_dim=count(1), mlp_dim=count(1),
     lllite_blocks=str)
 CHOICES = dict(mixed_precision=("fp32", "bf16", "fp16"), eval_metric=("fill50k-iou", "edge-f1", "none"),
-               timestep_sampling=TIMESTEP_SAMPLING, loss_weighting=LOSS_WEIGHTINGS)
+               timestep_sampling=TIMESTEP_SAMPLING, loss_weighting=tuple(LOSS_WEIGHTINGS))
 SWITCHES = ("gradient_checkpointing", "use_8bit_adam", "cache", "compile")  # `--cache` alone means true
 
 

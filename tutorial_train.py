@@ -11,9 +11,10 @@ real SD base are the `sd15` preset, chosen (and printed) for any base other than
 
 Every setting below is also a flag (`--batch-size` or `--batch_size`; how they are read: `tinylllite/run/
 options.py`). Added to the original: resume, small checkpoints, mixed precision with a NaN guard that never
-waits for the GPU, accumulation, Min-SNR, 8-bit Adam, caching, `--compile`, several GPUs with torch's
-DistributedDataParallel (`torchrun --nproc_per_node N tutorial_train.py`) and a control-fidelity number.
-Left out: EMA, LR schedules, DeepSpeed, xformers.
+waits for the GPU, accumulation, Min-SNR and x0 loss weighting, a learning rate that decays over the end of
+the budget, an EMA of the weights, 8-bit Adam, caching, `--compile`, a memory check on CUDA, several GPUs
+with torch's DistributedDataParallel (`torchrun --nproc_per_node N tutorial_train.py`) and a
+control-fidelity number. Left out: DeepSpeed, xformers.
 """
 import argparse
 import contextlib

@@ -6,8 +6,8 @@ with the "scaled linear" betas 0.00085 .. 0.012; plain MSE against eps (or v for
 Adds what diffusers' and kohya's trainers offer: Min-SNR-gamma loss weighting (Hang et al. 2023), mixed
 precision, gradient checkpointing, 8-bit Adam, and a NaN guard that never makes the CPU wait for the GPU.
 How a batch is drawn and encoded is `run/batches.py`; the loop is tutorial_train.py.
-Adds, measured on the tiny SD: x0 (clean-latent) loss weighting and a learning rate that decays over
-the end of the run's budget. Left out: offset noise.
+Adds, measured on the tiny SD (bench/convergence.py): x0 (clean-latent) loss weighting, alone or with
+Min-SNR's, and a learning rate that decays over the end of the run's budget. Left out: offset noise.
 """
 import math
 from contextlib import nullcontext

@@ -34,10 +34,12 @@ LAB_SPEED = ["--threads", "1", "--data-workers", "0", "--cache", "false", "--cha
 # The lab began with plain MSE as the tiny default; every variant but the two Min-SNR ones is measured against
 # that baseline, so they turn Min-SNR off (--snr-gamma 0). Min-SNR-5 won and is the default now.
 MSE = ["--snr-gamma", "0"]
+# Min-SNR-5 alone: the default of the second and third rounds (the default weighting is min-snr-x0 since)
+MIN_SNR = ["--snr-gamma", "5", "--loss-weighting", "min-snr"]
 # name: (branch, flags on top of the tiny defaults, what it changes)
 VARIANTS = {
     "controlnet": ("controlnet", MSE, "baseline: plain MSE, lr 1e-3, batch 16 (the defaults the lab began with)"),
-    "controlnet-minsnr5": ("controlnet", ["--snr-gamma", "5"], "Min-SNR-5 loss weighting (today's default)"),
+    "controlnet-minsnr5": ("controlnet", MIN_SNR, "Min-SNR-5 loss weighting (the second round's winner)"),
     "controlnet-paper-lr1e-5-b4": ("controlnet", MSE + ["--learning-rate", "1e-5", "--batch-size", "4"],
                                    "the original's SD1.5 recipe (lr 1e-5, batch 4)"),
     "controlnet-dropout0.5": ("controlnet", MSE + ["--prompt-dropout", "0.5"], "the paper's 50 % empty prompts"),
@@ -49,7 +51,7 @@ VARIANTS = {
     "controlnet-lr2e-3": ("controlnet", MSE + ["--learning-rate", "2e-3"], "twice the rate at the same batch"),
     "controlnet-b8": ("controlnet", MSE + ["--batch-size", "8"], "half the batch at the same rate"),
     "lllite": ("lllite", MSE, "baseline: plain MSE, lr 1e-3, batch 16, C 32, M 64, all blocks"),
-    "lllite-minsnr5": ("lllite", ["--snr-gamma", "5"], "Min-SNR-5 loss weighting (today's default)"),
+    "lllite-minsnr5": ("lllite", MIN_SNR, "Min-SNR-5 loss weighting (the second round's winner)"),
     "lllite-cubic": ("lllite", MSE + ["--timestep-sampling", "cubic"], "T2I-Adapter's t = (1 - u^3) T"),
     "lllite-lr3e-3": ("lllite", MSE + ["--learning-rate", "3e-3"], "a higher rate for the small modules"),
     "lllite-c64-m128": ("lllite", MSE + ["--cond-emb-dim", "64", "--mlp-dim", "128"], "wider LLLite modules"),
@@ -57,19 +59,19 @@ VARIANTS = {
     "lllite-b8": ("lllite", MSE + ["--batch-size", "8"], "half the batch at the same rate"),
     "lllite-input-only": ("lllite", MSE + ["--lllite-blocks", "input"], "kohya's SD1 block set (input blocks only)"),
     # the third round asks what brings the end of a default-length run (about 2,000 steps) closer to the ceiling,
-    # on top of today's defaults (Min-SNR-5), with a longer budget (LONG_SAMPLES) than the take-off rounds above
-    "controlnet-long": ("controlnet", [], "today's defaults, run longer (the third round's baseline)"),
-    "controlnet-lr-decay": ("controlnet", ["--lr-decay", "0.3"], "lr falls to 0 (cosine) over the last 30 %"),
+    # on top of the second round's winner (Min-SNR-5), with a longer budget (LONG_SAMPLES) than the take-off rounds
+    "controlnet-long": ("controlnet", MIN_SNR, "Min-SNR-5, run longer (the third round's baseline)"),
+    "controlnet-lr-decay": ("controlnet", MIN_SNR + ["--lr-decay", "0.3"], "lr falls to 0 (cosine) over the last 30 %"),
     "controlnet-x0": ("controlnet", ["--loss-weighting", "x0"], "x0 supervision: eps loss x min(1 / SNR, 5)"),
-    "lllite-long": ("lllite", [], "today's defaults, run longer (the third round's baseline)"),
-    "lllite-lr-decay": ("lllite", ["--lr-decay", "0.3"], "lr falls to 0 (cosine) over the last 30 %"),
+    "lllite-long": ("lllite", MIN_SNR, "Min-SNR-5, run longer (the third round's baseline)"),
+    "lllite-lr-decay": ("lllite", MIN_SNR + ["--lr-decay", "0.3"], "lr falls to 0 (cosine) over the last 30 %"),
     "lllite-x0": ("lllite", ["--loss-weighting", "x0"], "x0 supervision: eps loss x min(1 / SNR, 5)"),
     "controlnet-x0-lr-decay": ("controlnet", ["--loss-weighting", "x0", "--lr-decay", "0.3"], "x0 and lr decay together"),
     "lllite-x0-lr-decay": ("lllite", ["--loss-weighting", "x0", "--lr-decay", "0.3"], "x0 and lr decay together"),
     "controlnet-min-snr-x0": ("controlnet", ["--loss-weighting", "min-snr-x0"],
-                              "the larger of Min-SNR-5's and x0's weight at each timestep"),
+                              "the larger of Min-SNR-5's and x0's weight at each timestep (the default now)"),
     "lllite-min-snr-x0": ("lllite", ["--loss-weighting", "min-snr-x0"],
-                          "the larger of Min-SNR-5's and x0's weight at each timestep"),
+                          "the larger of Min-SNR-5's and x0's weight at each timestep (the default now)"),
     "controlnet-x0-ema": ("controlnet", ["--loss-weighting", "x0", "--ema-decay", "0.995"],
                           "x0, evaluated with an EMA of the weights (decay 0.995)"),
     "lllite-x0-ema": ("lllite", ["--loss-weighting", "x0", "--ema-decay", "0.995"],

@@ -68,16 +68,16 @@ CONTROLNET = dict(
     data_workers=0,  # with the cache a batch is a lookup: both cores go to the step (`threads`), no worker needed
     channels_last=True,  # convolutions in NHWC, the layout oneDNN's CPU kernels prefer
     compile=False,  # torch.compile the loss (UNet + branch): pays on a GPU; on the CPU compiling costs minutes
-    logger_freq=500,  # image log every this many optimizer steps (and at step 0); 0 = off
+    logger_freq=600,  # image log every this many optimizer steps (and at step 0); 0 = off
     log_every=10,  # loss line in metrics.jsonl
     eval_metric="fill50k-iou",  # control fidelity on held-out pairs: fill50k-iou, edge-f1 (your Canny data) or none
     canny_low=100,  # edge-f1: the Canny thresholds that made the hints (python -m tinylllite.canny's defaults)
     canny_high=200,
-    eval_every=500,  # an evaluation costs about as much as 50 steps of training
+    eval_every=600,  # an evaluation costs about as much as 50 steps of training; the first lands near 2 minutes
     eval_pairs=64,
     eval_steps=20,
     eval_cfg=3.0,
-    checkpoint_every=500,
+    checkpoint_every=600,
     keep_checkpoints=3,
     seed=0,
     threads=None,  # None: one per core that other processes leave free, re-checked at every log line (run/cores.py)

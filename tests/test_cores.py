@@ -80,3 +80,13 @@ def test_the_counters_read_this_machine():
     own = cores.own_seconds()
     sum(i * i for i in range(200_000))
     assert cores.busy_seconds(cores.usable_cores()) >= first and cores.own_seconds() > own
+
+
+def test_the_work_of_a_finished_child_process_counts_as_this_processes_own():
+    """A pool that drew the data and ended is not "another process" using the cores."""
+    import subprocess
+    import sys
+
+    before = cores.own_seconds()
+    subprocess.run([sys.executable, "-c", "sum(i * i for i in range(3_000_000))"], check=True)
+    assert cores.own_seconds() - before > 0.05

@@ -47,9 +47,10 @@ def busy_seconds(cpus: list[int]) -> float | None:
 
 
 def own_seconds() -> float:
-    """CPU seconds this process (all its threads) and its living children (data workers) used since they started."""
+    """CPU seconds this process (all its threads) and its children used: those that ended (e.g. the pool that
+    drew Fill50K) and those still running (data workers)."""
     times = os.times()
-    seconds = times.user + times.system
+    seconds = times.user + times.system + times.children_user + times.children_system
     try:
         children = [pid for task in os.listdir("/proc/self/task")
                     for pid in open(f"/proc/self/task/{task}/children").read().split()]

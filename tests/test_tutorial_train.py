@@ -282,3 +282,14 @@ def test_data_far_larger_than_the_base_is_refused_up_front(tmp_path):
     write_fill50k(big, n=2, size=512, seed=0, workers=1)
     with pytest.raises(InputError, match=r"--data .*fill50k_512.* resize"):
         train(big, tmp_path / "run", "--max-steps", 1)
+
+
+def test_the_loop_stops_early_enough_for_a_whole_final_evaluation_and_the_checkpoint():
+    """The time the loop keeps for the end: the slowest evaluation and image log so far, a quarter more, and
+    the checkpoint's reserve (a final evaluation cut short would score fewer pairs than the run's setting)."""
+    from tinylllite.run import image_log
+
+    log = image_log.RunLog.__new__(image_log.RunLog)
+    log.evaluation_seconds, log.image_seconds = 8.0, 2.0
+    assert log.final_seconds == image_log.FINAL_MARGIN * 10.0 + image_log.SAVE_RESERVE_SECONDS
+    assert image_log.FINAL_MARGIN > 1 and image_log.SAVE_RESERVE_SECONDS > 0

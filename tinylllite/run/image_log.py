@@ -153,6 +153,7 @@ def vae_ceiling(base, pairs: list, batch_size: int = 16) -> dict:
 
 
 SAVE_RESERVE_SECONDS = 5.0  # what a run keeps of --max-minutes for its final checkpoint
+FINAL_MARGIN = 1.25  # the final evaluation and image log are planned at this times the slowest seen
 SCORE_NAMES = {"fidelity_iou": "IoU", "colour_error": "colour error", "edge_f1": "edge F1"}
 CONTROL_SCORES = ("fidelity_iou", "edge_f1")  # the number whose jump is the "sudden convergence"
 TAKE_OFF = 0.5  # the score at which control has visibly arrived
@@ -253,7 +254,7 @@ class RunLog:
         self.validation, self.clock, self.heldout, self.resumed_at = validation, clock, heldout, resumed_at
         self.weights = weights or contextlib.nullcontext  # e.g. WeightAverage.applied: evaluate and log its average
         self.metrics = MetricsLog(out, append=resumed_at is not None, keep_until=resumed_at or 0)
-        self.evaluation_seconds = self.image_seconds = 0.0  # how long the last of each took
+        self.evaluation_seconds = self.image_seconds = 0.0  # how long the slowest of each took
         self.last_grid = -1
         self.ceiling_logged = any("vae_ceiling_iou" in e for e in self.metrics.events())  # a resumed run's own
 
@@ -298,21 +299,23 @@ class RunLog:
         if pairs < len(self.heldout):  # a shortened evaluation says so, and is not the time of a whole one
             tqdm.write(f"step {step}: evaluation shortened to {pairs} of {len(self.heldout)} held-out pairs "
                        f"to end inside --max-minutes")
-        else:
-            self.evaluation_seconds = time.time() - started
         self.metrics.write(step=step, minutes=round(self.clock.minutes(), 2), **scores,
                            **({"eval_pairs": pairs} if pairs < len(self.heldout) else {}))
         if s["eval_metric"] == "fill50k-iou" and not self.ceiling_logged:  # once per run, beside its first scores
             self.metrics.write(step=step, **vae_ceiling(self.base, self.heldout))
             self.ceiling_logged = True
         self.metrics.plot()
+        if pairs == len(self.heldout):  # a shortened evaluation is not the time of a whole one
+            self.evaluation_seconds = max(self.evaluation_seconds, time.time() - started)
         shown = ", ".join(f"{SCORE_NAMES[k]} {v:.3f}" for k, v in scores.items())
         tqdm.write(f"step {step}: {shown} ({time.time() - started:.0f} s on {pairs} held-out pairs)")
 
     @property
     def final_seconds(self) -> float:
-        """About how long `finish` will take: one more evaluation and one more image log."""
-        return self.evaluation_seconds + self.image_seconds
+        """How long `finish` may take: one more evaluation and one more image log (the slowest of each so far,
+        with a quarter more for a machine that slows down), and the final checkpoint's reserve. The loop
+        stops when this no longer fits, so the last evaluation is a whole one."""
+        return FINAL_MARGIN * (self.evaluation_seconds + self.image_seconds) + SAVE_RESERVE_SECONDS
 
     def images(self, step: int) -> None:
         """The original's panels for 4 training items, the held-out grid and the user's validation pairs."""
@@ -330,7 +333,7 @@ class RunLog:
                 log_pairs_grid(base, control, [prompt], hint[None], folder / f"validation{i}_gs-{step:06d}.png",
                                steps=50, cfg=9.0)
         control.train()
-        self.last_grid, self.image_seconds = step, time.time() - started
+        self.last_grid, self.image_seconds = step, max(self.image_seconds, time.time() - started)
 
     def finish(self, step: int, last_loss: float | None = None) -> None:
         """The last evaluation and image log (if this step had none), the final plot, and the run's summary line."""

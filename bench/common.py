@@ -26,8 +26,6 @@ from pathlib import Path
 import diffusers
 import torch
 import transformers
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 # The benchmarks run as `python bench/<name>.py` from anywhere: put the repository (tutorial_train.py) on the path.
 REPO = Path(__file__).resolve().parent.parent
@@ -43,9 +41,8 @@ from tinylllite.data.fill50k import write_fill50k  # noqa: E402,F401
 from tinylllite.lllite_unet import attach_lllite  # noqa: E402
 from tinylllite.sample import make_sampler, sample  # noqa: E402,F401
 from tinylllite.files.atomic import atomic_file  # noqa: E402
-from tinylllite.files.sd_loading import family_config  # noqa: E402
+from tinylllite.run.memory import config_base  # noqa: E402
 from tinylllite.sd.tiny_sd import load_tiny_sd  # noqa: E402
-from tinylllite.sd.tokenizer import clip_tokenizer  # noqa: E402
 
 SHAPES = ("tiny", "sd15", "sdxl")
 FAMILIES = {"sd15": "sd1", "sdxl": "sdxl"}  # the shipped config each random-weight shape is built from
@@ -97,19 +94,9 @@ def check_args(args) -> torch.device:
 
 
 def random_base(family: str, device: torch.device) -> StableDiffusionBase:
-    """SD1.5's (or SDXL's) networks from the shipped config, randomly initialised on `device`, fp32."""
-    config = family_config(family)
-    with device:  # initialise where the model will run: seconds on a GPU instead of a minute on the CPU
-        unet = UNet2DConditionModel(**config["unet"])
-        vae = AutoencoderKL(**config["vae"])
-        text_encoder = CLIPTextModel(CLIPTextConfig(**config["text_encoder"]))
-        text_encoder_2 = (CLIPTextModelWithProjection(CLIPTextConfig(**config["text_encoder_2"])).eval()
-                          if family == "sdxl" else None)
-    return StableDiffusionBase(
-        family=family, unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(),
-        tokenizer=clip_tokenizer(config["pad_token"]), text_encoder_2=text_encoder_2,
-        tokenizer_2=clip_tokenizer(config["pad_token_2"]) if family == "sdxl" else None,
-        prediction_type=config["scheduler"]["prediction_type"], scheduler_config=config["scheduler"])
+    """SD1.5's (or SDXL's) networks from the shipped config, randomly initialised on `device`, fp32: initialised
+    where the model will run, seconds on a GPU instead of a minute on the CPU."""
+    return config_base(family, device)
 
 
 def build_base(shape: str, device: torch.device) -> StableDiffusionBase:

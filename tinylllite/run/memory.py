@@ -390,9 +390,6 @@ def family_of(base: str) -> str:
 
 def meta_base(family: str):
     """The family's VAE, UNet and text encoder(s) from the shipped configs, on the meta device (no memory)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
     from tinylllite.sd.base import StableDiffusionBase
     from tinylllite.sd.tokenizer import clip_tokenizer
 
@@ -403,10 +400,21 @@ def meta_base(family: str):
             vae, unet, text_encoder = tiny_sd.build_tiny_parts()
         return StableDiffusionBase(family="tiny", unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(),
                                    tokenizer=clip_tokenizer(), scheduler_config=dict(tiny_sd.SCHEDULER_CONFIG))
+    return config_base(family, torch.device(META))
+
+
+def config_base(family: str, device: torch.device):
+    """An SD1/SD2/SDXL base built from the family's shipped config with random weights, created on `device`
+    (the meta device here: no memory; bench/common.py: the GPU it is timed on)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
     from tinylllite.files.sd_loading import family_config
+    from tinylllite.sd.base import StableDiffusionBase
+    from tinylllite.sd.tokenizer import clip_tokenizer
 
     config = family_config(family)
-    with torch.device(META):
+    with device:
         unet = UNet2DConditionModel(**config["unet"])
         vae = AutoencoderKL(**config["vae"])
         text_encoder = CLIPTextModel(CLIPTextConfig(**config["text_encoder"]))
